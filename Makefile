@@ -1,0 +1,34 @@
+# Two commands for a fresh clone (see README): `make demo` and `make test`.
+# Both create ./.venv and install the project into it first.
+#
+# TORCH_SPEC picks the PyTorch build installed before the project. The default is the CPU
+# build that lies on the development machines' disk; on a GPU machine use, for example,
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/unetpp3d demo --out $(DEMO_OUT)
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

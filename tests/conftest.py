@@ -1,0 +1,42 @@
+"""Shared test fixtures: the real cases in ../shared/data and a factory for small images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real CT cases beside the repository; tests using them skip where they are absent."""
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real CT cases not found at {SHARED_DATA} (a fresh clone has none; CI has them)")
+    return SHARED_DATA
+
+
+def write_image(path: Path, array_xyz: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    """Write an (x, y, z) array as an image file (format from the suffix) with the given geometry."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array_xyz).transpose(2, 1, 0)))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in origin])
+    img.SetDirection([float(d) for d in direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.fixture
+def make_image(tmp_path):
+    """Factory: ``make_image(name, array_xyz, spacing=..., origin=..., direction=...) -> Path`` in tmp_path."""
+
+    def _make(name: str, array_xyz: np.ndarray, **geometry) -> Path:
+        return write_image(tmp_path / name, array_xyz, **geometry)
+
+    return _make

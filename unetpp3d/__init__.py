@@ -1,0 +1,10 @@
+"""unetpp3d: 3D UNet++ segmentation of CT scans, built on MONAI and PyTorch.
+
+Research software: no clinical model ships with it, and it is not a medical device.
+"""
+
+from unetpp3d.errors import UserError
+from unetpp3d.network import UNetPlusPlus3D, load_model
+
+__version__ = "0.1.0"
+__all__ = ["UNetPlusPlus3D", "UserError", "load_model", "__version__"]
