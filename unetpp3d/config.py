@@ -115,6 +115,8 @@ class Config:
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
+        if value is False and "off" in get_args(hint):  # YAML reads a bare `off` as false
+            value = "off"
         if value not in get_args(hint):
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, get_args(hint)))}")
         return value

@@ -1,0 +1,386 @@
+"""Predictor and `unetpp3d infer`: geometry round trips, modes, batches, reports, model sources.
+
+Models are tiny (features 4, 8, 16; 32^3 windows) with random weights, except
+:class:`ThresholdNet`, a network with a known answer (voxels brighter than the intensity mean),
+which lets a test check that the mask lands on the right voxels of the input's grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import write_image
+from torch import nn
+
+from unetpp3d.config import Config, Preprocessing
+from unetpp3d.errors import UserError
+from unetpp3d.network import UNetPlusPlus3D
+from unetpp3d.predictor import Predictor, ProbabilityNet, expand_inputs, find_default_model, run_inference
+
+FEATURES = (4, 8, 16)
+HU_MEAN = 50.0
+
+
+def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32)) -> Preprocessing:
+    # 8 mm voxels keep the real scans to a few 32^3 windows: these tests check geometry, not accuracy.
+    name = "liver" if task == "liver" else "nodule"
+    return Preprocessing(task=task, labels={"0": "background", "1": name}, target_spacing=list(spacing),
+                         intensity_range=[-1000.0, 1000.0], intensity_stats=[HU_MEAN, 100.0],
+                         patch_size=list(patch), body_threshold_hu=-500.0)
+
+
+def save_checkpoint(path, task: str = "liver", features=FEATURES, **prep_args) -> os.PathLike:
+    torch.manual_seed(0)
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
+    cfg = Config(task=task)
+    cfg.infer.overlap = 0.25
+    cfg.infer.sw_batch_size = 4
+    payload = {"model_args": net.model_args, "state_dict": net.state_dict(),
+               "preprocessing": make_prep(task, **prep_args).to_dict(), "config": cfg.to_dict(), "epoch": 1}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+class ThresholdNet(nn.Module):
+    """Logits whose argmax is 1 exactly where the normalised input is above 0 (HU above HU_MEAN)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x, x], dim=1) * 10.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def sphere_scan(shape=(40, 36, 24), centre=(20, 15, 12), radius_mm=8.0, spacing=(1.5, 1.5, 2.0)):
+    idx = np.indices(shape).astype(float)
+    dist = np.sqrt(sum(((idx[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)))
+    return np.where(dist <= radius_mm, 200, -800).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory):
+    direction = (0, 1, 0, -1, 0, 0, 0, 0, 1)  # axes permuted and one reversed: exercises Orientationd
+    return write_image(tmp_path_factory.mktemp("scans") / "sphere.nii.gz", sphere_scan(), spacing=(1.5, 1.5, 2.0),
+                       origin=(12.0, -30.0, 5.0), direction=direction)
+
+
+def assert_same_grid_as(mask_path, reference: sitk.Image):
+    out = sitk.ReadImage(str(mask_path))
+    assert out.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), reference.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(out.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(out.GetDirection(), reference.GetDirection(), atol=1e-5)
+    assert out.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt16)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: the mask is on the input's own grid
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (2.0, 2.5, 1.5)])
+def test_threshold_model_lands_on_the_right_voxels(shared_data, spacing):
+    """Through RAS reorientation, resampling, cropping and back (a NIfTI with direction diag(-1, -1, 1))."""
+    prep = make_prep("lung_nodule", spacing=spacing, patch=(64, 64, 64))
+    predictor = Predictor(ThresholdNet(), prep, device="cpu", overlap=0.0, progress=False, keep_probabilities=True)
+    result = predictor.predict(shared_data / "abdomen_ct_ts" / "ct.nii.gz")
+    image = np.asarray(result.image_xyz)
+    assert result.mask_xyz.shape == image.shape == (122, 101, 30)
+    assert result.probabilities.shape == (2, 122, 101, 30)
+    expected = image > HU_MEAN
+    got = result.probabilities.argmax(0) == 1
+    if spacing == (3.0, 3.0, 3.0):  # the scan's own spacing: no interpolation, every voxel agrees
+        np.testing.assert_array_equal(got, expected)
+        return
+    # Resampled there and back, thin vessels blur; but no shift by a voxel matches better.
+    score = dice(got, expected)
+    assert score > 0.8
+    for axis in range(3):
+        for step in (-1, 1):
+            assert dice(np.roll(got, step, axis=axis), expected) < score - 0.05
+
+
+def test_infer_writes_mask_on_real_nifti_grid(shared_data, ckpt, tmp_path):
+    src = shared_data / "abdomen_ct_ts" / "ct.nii.gz"
+    out = tmp_path / "ct_mask.nii.gz"
+    assert run_inference([src], out, model=ckpt, device="cpu") == 0
+    assert_same_grid_as(out, sitk.ReadImage(str(src)))
+    # nibabel sees the same affine as the input (the RAS view of the direction diag(-1, -1, 1))
+    ours, theirs = nib.load(str(out)), nib.load(str(src))
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-3)
+    assert np.issubdtype(np.asanyarray(ours.dataobj).dtype, np.integer)
+    assert set(np.unique(np.asanyarray(ours.dataobj))) <= {0, 1}
+
+
+def test_infer_on_nrrd_and_dicom_keeps_their_grids(shared_data, ckpt, tmp_path):
+    from unetpp3d.readers import read_image
+
+    nrrd = shared_data / "abdomen_ct_3slice_dcmqi" / "liver.nrrd"
+    dicom = shared_data / "abdomen_ct_dicom_ts" / "dicom"
+    out = tmp_path / "masks"
+    assert run_inference([nrrd, dicom], out, model=ckpt, device="cpu", preview=tmp_path / "png") == 0
+    assert_same_grid_as(out / "liver.nii.gz", sitk.ReadImage(str(nrrd)))
+    # the DICOM folder is named after its parent ("dicom" says nothing) and gets the series' grid
+    _, grid = read_image(dicom)
+    mask = sitk.ReadImage(str(out / "abdomen_ct_dicom_ts.nii.gz"))
+    assert mask.GetSize() == grid.size
+    np.testing.assert_allclose(mask.GetSpacing(), grid.spacing, rtol=1e-5)
+    np.testing.assert_allclose(mask.GetOrigin(), grid.origin, atol=1e-3)
+    np.testing.assert_allclose(mask.GetDirection(), grid.direction, atol=1e-5)
+    np.testing.assert_allclose(nib.load(str(out / "abdomen_ct_dicom_ts.nii.gz")).affine, grid.affine_ras(), atol=1e-3)
+    for name in ("liver", "abdomen_ct_dicom_ts"):
+        assert (tmp_path / "png" / f"{name}.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [dict(mode="accurate"), dict(mode="fast"), dict(mode="fast", prune_level=1),
+                                     dict(mode="accurate", tta=True)])
+def test_modes_run_on_an_input_smaller_than_the_window(ckpt, small_scan, options):
+    predictor = Predictor.from_source(ckpt, device="cpu", progress=False, **options)
+    assert predictor.network.prune_level == ({"fast": options.get("prune_level", 2)}.get(options["mode"]))
+    result = predictor.predict(small_scan)  # 40x36x24 voxels at 1.5-2 mm -> 8x7x6 at 8 mm: padded
+    assert result.mask_xyz.shape == (40, 36, 24) and result.mask_xyz.dtype == np.uint8
+    assert result.probabilities is None  # only kept for nodules unless asked
+    assert predictor.overlap == 0.25 and predictor.sw_batch_size == 4  # from the checkpoint's config
+
+
+def test_mode_settings_are_checked(ckpt):
+    with pytest.raises(UserError, match="depth 2"):
+        Predictor.from_source(ckpt, device="cpu", mode="fast", prune_level=3)
+    with pytest.raises(UserError, match="--mode fast"):
+        Predictor.from_source(ckpt, device="cpu", mode="accurate", prune_level=1)
+    with pytest.raises(UserError, match="accurate or fast"):
+        Predictor.from_source(ckpt, device="cpu", mode="quick")
+    with pytest.raises(UserError, match="overlap"):
+        Predictor.from_source(ckpt, device="cpu", overlap=1.0)
+
+
+def test_tta_averages_probabilities_over_all_flips():
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 3, kernel_size=3, padding=1).eval()
+    x = torch.randn(1, 1, 8, 6, 4)
+    got = ProbabilityNet(net, tta=True)(x)
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    expected = sum(torch.softmax(net(x.flip(d)), 1).flip(d) if d else torch.softmax(net(x), 1) for d in flips) / 8
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.sum(1), torch.ones(1, 8, 6, 4))
+
+
+def test_window_is_rounded_up_to_the_size_divisor():
+    net = UNetPlusPlus3D(features=FEATURES, strides=[2, (2, 2, 1)])
+    predictor = Predictor(net, make_prep(patch=(30, 33, 17)), device="cpu")
+    assert predictor.roi_size == (32, 36, 18)
+
+
+def test_large_output_is_stitched_on_the_cpu(monkeypatch):
+    predictor = Predictor(ThresholdNet(), make_prep(), device="cpu")
+    predictor.device = torch.device("cuda")  # pretend; only the decision is exercised
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 1024**3, 80 * 1024**3))
+    where, why = predictor._stitch_device([(512, 512, 600)])
+    assert where.type == "cpu" and "on the CPU" in why and "GiB" in why
+    where, _ = predictor._stitch_device([(128, 128, 64)])
+    assert where.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys):
+    broken = tmp_path / "in" / "broken.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x1f\x8b not really a gzip file")
+    missing = tmp_path / "in" / "missing.nii.gz"
+    out = tmp_path / "out"
+    code = run_inference([small_scan, broken, missing], out, model=ckpt, device="cpu")
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "1 segmented, 0 skipped, 2 failed" in printed
+    assert "broken" in printed and "missing" in printed and "no such file" in printed
+    assert "broken.nii.gz: cannot read" in printed and "LoadImage" not in printed  # our message, not MONAI's
+    assert sorted(p.name for p in out.iterdir()) == ["sphere.nii.gz"]  # nothing partial, no temporaries
+
+    # again with --skip-existing: the finished case is left alone
+    stamp = (out / "sphere.nii.gz").stat().st_mtime_ns
+    assert run_inference([small_scan, broken], out, model=ckpt, device="cpu", skip_existing=True) == 1
+    assert "0 segmented, 1 skipped, 1 failed" in capsys.readouterr().out
+    assert (out / "sphere.nii.gz").stat().st_mtime_ns == stamp
+    assert run_inference([small_scan], out, model=ckpt, device="cpu", skip_existing=True) == 0
+
+
+def test_inputs_folders_and_manifests(tmp_path, small_scan):
+    from unetpp3d.manifest import write_manifest
+
+    folder = tmp_path / "scans"
+    write_image(folder / "a.nii.gz", np.zeros((4, 4, 4), np.int16))
+    write_image(folder / "b.nrrd", np.zeros((4, 4, 4), np.int16))
+    (folder / "notes.txt").write_text("not a scan")
+    cases = expand_inputs([folder])
+    assert [c.name for c in cases] == ["a", "b"]
+    # duplicate names get their folder as a prefix
+    write_image(tmp_path / "other" / "a.nii.gz", np.zeros((4, 4, 4), np.int16))
+    names = [c.name for c in expand_inputs([folder / "a.nii.gz", tmp_path / "other" / "a.nii.gz"])]
+    assert names == ["scans_a", "other_a"]
+    # a manifest gives its test list (here: none, so its training images)
+    label = write_image(tmp_path / "labels" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    manifest = write_manifest(tmp_path / "m.json", [(folder / "a.nii.gz", label)],
+                              labels={0: "background", 1: "liver"}, task="liver")
+    assert [c.name for c in expand_inputs([manifest])] == ["a"]
+    with pytest.raises(UserError):
+        expand_inputs([])
+
+
+def test_output_names_are_checked(ckpt, small_scan, tmp_path):
+    with pytest.raises(UserError, match="need a folder"):
+        run_inference([small_scan, small_scan], tmp_path / "one.nii.gz", model=ckpt, device="cpu")
+    with pytest.raises(UserError, match="need a folder"):
+        run_inference([small_scan, small_scan], tmp_path / "o", model=ckpt, device="cpu", preview=tmp_path / "p.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lung nodules: report and preview
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nodule_found_measured_and_reported(tmp_path):
+    spacing, origin = (1.5, 1.5, 2.0), (12.0, -30.0, 5.0)
+    scan = write_image(tmp_path / "chest.nii.gz", sphere_scan(), spacing=spacing, origin=origin)
+    predictor = Predictor(ThresholdNet(), make_prep("lung_nodule", spacing=(1.5, 1.5, 2.0)), device="cpu",
+                          progress=False)
+    result = predictor.predict(scan)
+    (nodule,) = result.nodules
+    # centre index (20, 15, 12), identity direction: LPS = origin + index * spacing
+    np.testing.assert_allclose(nodule.centre_lps_mm, (12 + 20 * 1.5, -30 + 15 * 1.5, 5 + 12 * 2.0), atol=0.2)
+    assert nodule.volume_ml == pytest.approx(4 / 3 * np.pi * 8.0**3 / 1000, rel=0.15)
+    assert 14.0 <= nodule.longest_diameter_mm <= 17.0
+    assert nodule.mean_probability > 0.9
+
+
+def test_infer_writes_nodule_report_and_preview(tmp_path, small_scan):
+    model = save_checkpoint(tmp_path / "run" / "best.pt", task="lung_nodule")
+    out = tmp_path / "out" / "sphere.nii.gz"
+    assert run_inference([small_scan], out, model=tmp_path / "run", device="cpu", preview=tmp_path / "p.png",
+                         tta=False) == 0
+    report = json.loads((tmp_path / "out" / "sphere.nodules.json").read_text())
+    assert report["coordinate_system"] == "LPS" and report["count"] == len(report["nodules"])
+    for entry in report["nodules"]:
+        assert {"centre_lps_mm", "volume_ml", "longest_diameter_mm", "mean_probability"} <= set(entry)
+    with open(tmp_path / "out" / "sphere.nodules.csv") as fh:
+        header = next(csv.reader(fh))
+    assert header[:4] == ["id", "label", "voxels", "volume_ml"] and "longest_diameter_mm" in header
+    pixels = mpimg.imread(tmp_path / "p.png")[..., :3]
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
+    assert model.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the model comes from
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_model_env_then_newest_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UNETPP3D_MODEL", raising=False)
+    with pytest.raises(UserError, match="unetpp3d train"):
+        find_default_model()
+    old = save_checkpoint(tmp_path / "runs" / "old" / "last.pt")
+    new = save_checkpoint(tmp_path / "runs" / "new" / "best.pt")
+    os.utime(old, (1, 1))
+    assert find_default_model() == (tmp_path / "runs" / "new").resolve()
+    monkeypatch.setenv("UNETPP3D_MODEL", str(old))
+    assert find_default_model() == old.resolve()
+    assert Predictor.from_source(None, device="cpu").source == str(old.resolve())
+    monkeypatch.setenv("UNETPP3D_MODEL", str(tmp_path / "nope.pt"))
+    with pytest.raises(UserError, match="UNETPP3D_MODEL"):
+        find_default_model()
+    assert new.is_file()
+
+
+def write_bundle(folder, payload, ours: bool, inference: dict | None = None):
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    meta = {"version": "0.1.0", "name": "test"}
+    if ours:
+        from unetpp3d.predictor import bundle_metadata
+
+        meta["unetpp3d"] = bundle_metadata(payload)
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    if inference is not None:
+        (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    torch.save(payload["state_dict"], folder / "models" / "model.pt")
+
+
+def test_bundle_sources(ckpt, tmp_path, small_scan):
+    payload = torch.load(ckpt, weights_only=True)
+    write_bundle(tmp_path / "ours", payload, ours=True)
+    from_bundle = Predictor.from_source(tmp_path / "ours", device="cpu", progress=False)
+    from_ckpt = Predictor.from_source(ckpt, device="cpu", progress=False)
+    np.testing.assert_array_equal(from_bundle.predict(small_scan).mask_xyz, from_ckpt.predict(small_scan).mask_xyz)
+
+    # a foreign bundle is refused unless trusted; trusted, its network_def is built by ConfigParser
+    inference = {"network_def": {"_target_": "unetpp3d.network.UNetPlusPlus3D", **payload["model_args"]},
+                 "preprocessing": payload["preprocessing"]}
+    write_bundle(tmp_path / "foreign", payload, ours=False, inference=inference)
+    with pytest.raises(UserError, match="--trust-bundle"):
+        Predictor.from_source(tmp_path / "foreign", device="cpu")
+    trusted = Predictor.from_source(tmp_path / "foreign", device="cpu", trust_bundle=True)
+    assert isinstance(trusted.network, UNetPlusPlus3D)
+
+
+def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_path):
+    from typer.testing import CliRunner
+
+    from unetpp3d.cli import app
+
+    args = ["infer", str(small_scan), str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
+            "--model", str(ckpt), "--device", "cpu", "--mode", "fast", "--prune-level", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "1 segmented, 0 skipped, 1 failed" in result.output
+    assert (tmp_path / "out" / "sphere.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("task", ["liver", "lung_nodule"])
+def test_monai_components_alone_reproduce_the_mask(tmp_path, small_scan, task):
+    """What a bundle's inference.json lists (MONAI pieces only) gives the predictor's voxels."""
+    from monai.transforms import AsDiscreted, Compose, Invertd
+
+    from unetpp3d.readers import SitkReader
+    from unetpp3d.transforms import inference_transforms
+
+    model = save_checkpoint(tmp_path / "best.pt", task=task)
+    predictor = Predictor.from_source(model, device="cpu", mode="fast", progress=False)
+    expected = predictor.predict(small_scan).mask_xyz
+    assert 0 < np.count_nonzero(expected) < expected.size  # a mask with something to get wrong
+
+    preprocessing = inference_transforms(predictor.prep, reader=SitkReader())
+    data = preprocessing({"image": str(small_scan)})
+    network = ProbabilityNet(UNetPlusPlus3D.from_checkpoint(torch.load(model, weights_only=True)), prune_level=2)
+    with torch.no_grad():
+        data["pred"] = predictor.inferer("cpu")(data["image"][None], network.eval())[0]
+    post = Compose([Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False),
+                    AsDiscreted("pred", argmax=True), *predictor.postprocess_transforms("pred")])
+    got = np.asarray(post(data)["pred"][0]).astype(np.uint8)
+    np.testing.assert_array_equal(got, expected)

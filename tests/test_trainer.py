@@ -1,0 +1,342 @@
+"""Training: a short run learns and writes its run folder; resume after SIGKILL; SIGTERM; bad input.
+
+Tiny widths (4, 8, 16), 32^3 patches and 32^3 synthetic phantoms keep every run to seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, RandSpatialCropSamplesd
+
+from unetpp3d import UserError, load_model
+from unetpp3d.checkpoint import PAYLOAD_KEYS, load_checkpoint
+from unetpp3d.config import TrainConfig, load_config
+from unetpp3d.loader import EpochSampler, TrainLoader
+from unetpp3d.manifest import Case, load_manifest, write_manifest
+from unetpp3d.synth import write_dataset
+from unetpp3d.trainer import amp_dtype, lr_factor, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+TINY = ["model.features=[4,8,16]", "data.patch_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
+        "train.iterations_per_epoch=4", "train.val_every=1", "train.amp=off"]
+EPOCHS = 3
+# One thread per process: on a shared 2-core machine several OpenMP threads per process wait on
+# each other and a run takes ten times longer. Results do not depend on it.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """Five 32^3 liver phantoms: three to train on, one to validate, one held out."""
+    return write_dataset("liver", 5, tmp_path_factory.mktemp("phantoms"), seed=0, size=32)
+
+
+@pytest.fixture(scope="module")
+def reference_run(phantoms, tmp_path_factory) -> Path:
+    """One uninterrupted run that several tests inspect."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    return run_training(phantoms, SMOKE, out, device="cpu", overrides=TINY + [f"train.epochs={EPOCHS}"])
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def last_epoch(run: Path) -> int:
+    try:
+        return int(load_checkpoint(run / "last.pt")["epoch"])
+    except UserError:  # not written yet
+        return -1
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "unetpp3d", "train", *args]
+
+
+# ---- a run learns and leaves a complete run folder -------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_short_run_lowers_the_loss(reference_run):
+    rows = read_metrics(reference_run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(0.0 <= float(r["val_dice"]) <= 1.0 for r in rows)
+    assert set(rows[0]) == {"epoch", "train_loss", "val_dice", "lr", "seconds", "dice_liver"}
+    # Poly decay, nnU-Net's formula, stepped per epoch.
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01 * (1 - e / EPOCHS) ** 0.9 for e in range(EPOCHS)],
+                                                           rel=1e-4)
+
+
+@pytest.mark.slow
+def test_run_folder_holds_everything(reference_run):
+    for name in ("last.pt", "best.pt", "config.yaml", "split.json", "metrics.csv", "train.log", "curves.png"):
+        assert (reference_run / name).is_file(), name
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (reference_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = load_checkpoint(reference_run / "last.pt")
+    assert set(PAYLOAD_KEYS) <= set(last)
+    assert last["epoch"] == EPOCHS and last["preprocessing"]["patch_size"] == [32, 32, 32]
+    assert set(last["rng"]) == {"torch", "numpy", "python", "cuda"}
+    best = load_checkpoint(reference_run / "best.pt")
+    best_in_csv = max(float(r["val_dice"]) for r in read_metrics(reference_run))
+    assert best["best_metric"] == pytest.approx(best_in_csv, rel=1e-5)
+    # The resolved config reloads as a config, with no "auto" left in what planning resolves.
+    cfg = load_config(reference_run / "config.yaml")
+    assert cfg.data.patch_size == [32, 32, 32] and cfg.model.strides != "auto" and cfg.data.target_spacing != "auto"
+    # A model rebuilds from the checkpoint alone.
+    net = load_model(reference_run / "best.pt")
+    assert net.model_args["features"] == [4, 8, 16]
+    log = (reference_run / "train.log").read_text()
+    assert sum(line.split(" ", 1)[1].startswith("epoch ") for line in log.splitlines() if " " in line) == EPOCHS
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(phantoms, reference_run, tmp_path):
+    """Kill -9 in epoch 2, resume: same final weights, bit for bit, and metrics.csv continues."""
+    run = tmp_path / "killed"
+    args = cli("--manifest", str(phantoms), "--config", str(SMOKE), "--out", str(run), "--device", "cpu",
+               *[a for o in TINY + [f"train.epochs={EPOCHS}"] for a in ("--set", o)])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    try:
+        deadline = time.monotonic() + 120
+        while last_epoch(run) < 1:  # epoch 1 is saved: the process is now in epoch 2
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert last_epoch(run) == 1
+
+    run_training(phantoms, out_dir=run, resume=True, device="cpu")
+
+    final, reference = load_checkpoint(run / "last.pt"), load_checkpoint(reference_run / "last.pt")
+    assert final["epoch"] == EPOCHS
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
+    rows, ref_rows = read_metrics(run), read_metrics(reference_run)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in ref_rows]
+    assert [r["val_dice"] for r in rows] == [r["val_dice"] for r in ref_rows]
+    assert "resuming at epoch 2/3" in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_last_checkpoint_and_says_how_to_resume(phantoms, tmp_path):
+    run = tmp_path / "stopped"
+    args = cli("--manifest", str(phantoms), "--config", str(SMOKE), "--out", str(run), "--device", "cpu",
+               *[a for o in TINY + ["train.epochs=50", "train.val_every=50"] for a in ("--set", o)])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
+    deadline = time.monotonic() + 120
+    while last_epoch(run) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output and "--resume" in output
+    saved = last_epoch(run)
+    assert 1 <= saved < 50
+    assert [int(r["epoch"]) for r in read_metrics(run)] == list(range(1, saved + 1))
+
+
+def test_resume_needs_a_run(phantoms, tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        run_training(phantoms, out_dir=tmp_path / "none", resume=True, device="cpu")
+    with pytest.raises(UserError, match="--resume needs --out"):
+        run_training(phantoms, resume=True, device="cpu")
+
+
+# ---- bad input: a UserError before anything is written ---------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.bogus=1", "unknown key"),
+    ("data.patch_size=[30,32,32]", r"multiple of \[4, 4, 4\]"),
+    ("train.lr=-0.01", "train.lr must be positive"),
+    ("train.head_weights=[1,2,3]", "head_weights"),
+])
+def test_bad_config_is_refused(phantoms, tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        run_training(phantoms, SMOKE, out, device="cpu", overrides=TINY + [override])
+    assert not out.exists()
+
+
+def test_fp16_on_cpu_is_refused(phantoms, tmp_path):
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        run_training(phantoms, SMOKE, tmp_path / "run", device="cpu", overrides=TINY + ["train.amp=fp16"])
+    assert not (tmp_path / "run").exists()
+
+
+def _manifest_with(tmp_path: Path, phantoms: Path, **changes) -> Path:
+    man = load_manifest(phantoms)
+    return write_manifest(tmp_path / "manifest.json", training=changes.get("training", man.training),
+                          labels=changes.get("labels", man.labels), task="liver", test=changes.get("test", []))
+
+
+def test_manifest_that_fails_check_is_refused(phantoms, tmp_path):
+    man = load_manifest(phantoms)
+    broken = tmp_path / "broken_label.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    cases = [Case(man.training[0].name, man.training[0].image, broken), *man.training[1:]]
+    path = _manifest_with(tmp_path, phantoms, training=cases)
+    with pytest.raises(UserError, match=r"problem\(s\) in the training data.*broken_label.*unetpp3d check"):
+        run_training(path, SMOKE, tmp_path / "run", device="cpu", overrides=TINY)
+    assert not (tmp_path / "run").exists()
+
+
+def test_undeclared_label_class_is_refused(phantoms, tmp_path):
+    man = load_manifest(phantoms)
+    img = sitk.ReadImage(str(man.training[0].label))
+    arr = sitk.GetArrayFromImage(img)
+    arr[0, 0, 0] = 2  # class 2 is not in the manifest's labels
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(tmp_path / "label2.nii.gz"))
+    case = Case(man.training[0].name, man.training[0].image, tmp_path / "label2.nii.gz")
+    path = _manifest_with(tmp_path, phantoms, training=[case, *man.training[1:]])
+    with pytest.raises(UserError, match=r"label values \[2\] are not among"):
+        run_training(path, SMOKE, tmp_path / "run", device="cpu", overrides=TINY)
+
+
+def test_empty_training_set_is_refused(phantoms, tmp_path):
+    man = load_manifest(phantoms)
+    path = _manifest_with(tmp_path, phantoms, training=[], test=[c.image for c in man.training])
+    with pytest.raises(UserError, match="no training cases"):
+        run_training(path, SMOKE, tmp_path / "run", device="cpu", overrides=TINY)
+
+
+def test_another_runs_folder_is_not_overwritten(phantoms, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"another run")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds a training run.*--force"):
+        run_training(phantoms, SMOKE, out, device="cpu", overrides=TINY)
+    assert (out / "last.pt").read_bytes() == b"another run"
+
+
+@pytest.mark.slow
+def test_force_overwrites_only_run_files_and_fold_picks_the_split(phantoms, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    run_training(phantoms, SMOKE, out, force=True, device="cpu", fold=1,
+                 overrides=TINY + ["train.epochs=1", "train.iterations_per_epoch=1", "data.folds=2"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [r["epoch"] for r in read_metrics(out)] == ["1"]
+    split = json.loads((out / "split.json").read_text())
+    assert split["fold"] == 1 and len(split["training"]) == len(split["validation"]) == 2
+
+
+def test_default_config_is_the_tasks(phantoms, tmp_path, monkeypatch):
+    import unetpp3d.trainer as trainer
+
+    (tmp_path / "liver.yaml").write_text("train:\n  lr: -1.0\n")
+    monkeypatch.setattr(trainer, "REPO_CONFIGS", tmp_path)
+    with pytest.raises(UserError, match=r"liver\.yaml: train\.lr must be positive"):
+        run_training(phantoms, out_dir=tmp_path / "run", device="cpu")
+
+
+def test_a_config_for_another_task_is_refused(phantoms, tmp_path):
+    config = tmp_path / "nodules.yaml"
+    config.write_text("task: lung_nodule\n")
+    with pytest.raises(UserError, match="task 'lung_nodule' differs from the manifest's 'liver'"):
+        run_training(phantoms, config, tmp_path / "run", device="cpu")
+
+
+def test_cli_prints_user_errors_on_one_line(phantoms, tmp_path, capsys):
+    from unetpp3d.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--manifest", str(phantoms), "--config", str(SMOKE), "--out", str(tmp_path / "r"),
+              "--device", "cpu", "--set", "train.lr=-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.lr must be positive" in err and "\n" not in err
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+
+def test_schedules():
+    poly = TrainConfig(epochs=10, schedule="poly")
+    assert [lr_factor(e, poly) for e in (0, 5, 9)] == pytest.approx([1.0, 0.5**0.9, 0.1**0.9])
+    cosine = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2, optimizer="adamw")
+    factors = [lr_factor(e, cosine) for e in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
+
+
+def test_amp_is_off_on_cpu_unless_bf16_is_asked_for():
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_sampler_ranks_draw_disjoint_cases_and_epochs_differ():
+    a = [list(EpochSampler(10, 7, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(a[0]) == len(a[1]) == 7 and not set(a[0][:5]) & set(a[1][:5])  # one shuffle covers both
+    s = EpochSampler(10, 7, seed=3)
+    s.set_epoch(1)
+    first = list(s)
+    s.set_epoch(2)
+    assert list(s) != first
+    s.set_epoch(1)
+    assert list(s) == first
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_epoch_draws_the_same_patches_however_the_run_got_there(workers):
+    """The core of reproducible resume: batches depend on (seed, epoch, rank), not on history."""
+    data = [{"image": np.random.default_rng(i).normal(size=(1, 12, 12, 12)).astype(np.float32),
+             "label": np.zeros((1, 12, 12, 12), np.float32)} for i in range(4)]
+    transform = Compose([RandSpatialCropSamplesd(["image", "label"], roi_size=(4, 4, 4), num_samples=2,
+                                                 random_size=False)])
+
+    def batches(loader, epoch):
+        loader.set_epoch(epoch)
+        return [b["image"].clone() for b in loader]
+
+    def make(rank=0):
+        return TrainLoader(Dataset(data, transform), batch_size=3, samples_per_volume=2, iterations=3, seed=7,
+                           rank=rank, world_size=2, num_workers=workers)
+
+    straight = make()
+    batches(straight, 0)
+    epoch1 = batches(straight, 1)
+    resumed = make()  # a fresh process that starts at epoch 1
+    again = batches(resumed, 1)
+    assert len(epoch1) == 3 and all(b.shape == (3, 1, 4, 4, 4) for b in epoch1)
+    assert all(torch.equal(x, y) for x, y in zip(epoch1, again))
+    other_rank = batches(make(rank=1), 1)
+    assert not any(torch.equal(x, y) for x, y in zip(epoch1, other_rank))
