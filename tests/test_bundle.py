@@ -230,7 +230,7 @@ def test_python_m_monai_bundle_run_agrees_with_infer(bundle, scans, infer_masks,
     out = tmp_path / "masks"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
            "--bundle_root", str(bundle), "--dataset_dir", str(scans), "--output_dir", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "wrote" in result.stdout  # configs/logging.conf puts the cases on the console
     assert_agrees_with_infer(out, infer_masks, scans)

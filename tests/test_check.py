@@ -174,7 +174,7 @@ def test_cli_subprocess(make_image, tmp_path):
     manifest = write_manifest(tmp_path / "m.json", [case], LABELS)
     exe = Path(sys.executable).with_name("unetpp3d")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "unetpp3d"]
-    done = subprocess.run([*cmd, "check", "--manifest", str(manifest)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*cmd, "check", "--manifest", str(manifest)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 1
     assert "Traceback" not in done.stdout + done.stderr
     assert "error: c: " in done.stdout and "0.5" in done.stdout

@@ -97,7 +97,7 @@ def test_kill_during_saves_leaves_a_complete_checkpoint(tmp_path):
             print(i, flush=True)
             i += 1
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     try:
         assert proc.stdout.readline().strip() == "0"  # at least one save completed
         time.sleep(0.3)  # several more saves in flight; the kill lands at an arbitrary point

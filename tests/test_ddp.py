@@ -52,7 +52,7 @@ def test_two_gloo_ranks_see_different_patches_and_end_with_the_same_weights(tmp_
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
          str(manifest), str(REPO / "configs" / "smoke.yaml"), str(run), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -153,7 +153,7 @@ def test_sigterm_keeps_last_checkpoint_and_says_how_to_resume(phantoms, tmp_path
     run = tmp_path / "stopped"
     args = cli("--manifest", str(phantoms), "--config", str(SMOKE), "--out", str(run), "--device", "cpu",
                *[a for o in TINY + ["train.epochs=50", "train.val_every=50"] for a in ("--set", o)])
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", env=ONE_THREAD)
     deadline = time.monotonic() + 120
     while last_epoch(run) < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]

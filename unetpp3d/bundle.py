@@ -262,13 +262,20 @@ def preprocessing_specs(prep: Preprocessing) -> list[dict[str, Any]]:
 
 def postprocessing_specs(prep: Preprocessing, min_component_ml: float) -> list[dict[str, Any]]:
     """What the predictor does after the windows, as specs: invert, argmax, the task's clean-up, write."""
-    labels = [int(k) for k in prep.labels if int(k) != 0]
+    labels = sorted(int(k) for k in prep.labels if int(k) != 0)
     specs: list[dict[str, Any]] = [
         {"_target_": "Invertd", "keys": PRED_KEY, "transform": "@preprocessing", "orig_keys": IMAGE_KEY,
          "nearest_interp": False, "to_tensor": True},
         {"_target_": "AsDiscreted", "keys": PRED_KEY, "argmax": True},
     ]
-    if prep.task == "liver":
+    if prep.task == "liver" and len(labels) > 1:  # liver and tumour: their union (postprocess.largest_component_filled)
+        specs += [
+            {"_target_": "KeepLargestConnectedComponentd", "keys": PRED_KEY, "applied_labels": labels,
+             "is_onehot": False, "independent": False},
+            {"_target_": "unetpp3d.postprocess.FillForegroundHolesd", "keys": PRED_KEY, "labels": labels,
+             "value": labels[0]},
+        ]
+    elif prep.task == "liver":
         specs += [
             {"_target_": "KeepLargestConnectedComponentd", "keys": PRED_KEY, "applied_labels": labels,
              "is_onehot": False, "independent": True},
@@ -291,6 +298,8 @@ def inference_config(predictor: Any) -> dict[str, Any]:
         predictor: built from the checkpoint (its preprocessing, window size, overlap, batch
             size and minimum nodule volume are the ones written).
     """
+    from unetpp3d import transforms as T
+
     prep = predictor.prep
     return {
         "bundle_root": ".",
@@ -310,7 +319,7 @@ def inference_config(predictor: Any) -> dict[str, Any]:
                        "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [int(v) for v in predictor.roi_size],
                     "sw_batch_size": predictor.sw_batch_size, "overlap": predictor.overlap, "mode": "gaussian",
-                    "padding_mode": "constant", "cval": 0.0, "progress": False},
+                    "padding_mode": "constant", "cval": T.pad_value(prep), "progress": False},
         "postprocessing": {"_target_": "Compose",
                            "transforms": postprocessing_specs(prep, predictor.min_component_ml)},
         "evaluator": {"_target_": "unetpp3d.bundle.BundleEvaluator", "device": "@device",
@@ -522,7 +531,10 @@ def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], sourc
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in prep.labels.items()],
         "",
-        "Post-processing: " + ("largest connected component of each label, enclosed holes filled."
+        "Post-processing: " + ("largest connected component of the foreground (all labels together, each voxel "
+                               "keeping its label), enclosed background filled as the first label."
+                               if prep.task == "liver" and prep.num_classes > 2 else
+                               "largest connected component of each label, enclosed holes filled."
                                if prep.task == "liver" else
                                f"components smaller than {predictor.min_component_ml:g} mL removed."),
         "",

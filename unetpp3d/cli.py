@@ -75,7 +75,7 @@ def train(
 def infer(
     inputs: list[Path] = typer.Argument(..., help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders of scans, or a manifest."),
     out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input, or a folder for several."),
-    model: Optional[Path] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: $UNETPP3D_MODEL, then the newest run in ./runs)."),
+    model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: $UNETPP3D_MODEL, then the newest run in ./runs). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
     mode: str = typer.Option("accurate", help="accurate (mean of all heads) or fast (pruned network)."),
     prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: 2)."),
     tta: bool = typer.Option(False, help="Flip test-time augmentation (8 flips)."),
@@ -92,7 +92,7 @@ def infer(
     from unetpp3d.predictor import run_inference
 
     raise typer.Exit(run_inference(
-        inputs=inputs, out=out, model=model, mode=mode, prune_level=prune_level, tta=tta, overlap=overlap,
+        inputs=inputs, out=out, model=model or None, mode=mode, prune_level=prune_level, tta=tta, overlap=overlap,
         batch_size=batch_size, device=device, amp=amp, preview=preview, skip_existing=skip_existing,
         series_uid=series_uid, trust_bundle=trust_bundle,
     ))

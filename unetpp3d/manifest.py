@@ -192,7 +192,7 @@ def load_manifest(path: str | Path) -> Manifest:
         raise UserError(f"{path}: manifest not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object with 'labels' and 'training', got {type(data).__name__}")

@@ -1,8 +1,12 @@
 """Post-processing of predicted label maps, per task, on the input's own grid.
 
-* **Liver**: keep the largest connected component (26-connectivity) of each foreground label and
-  fill its enclosed holes (background 6-connectivity, the topological dual of a 26-connected
-  object), so that a vessel or tumour enclosed by liver is counted as liver.
+* **Liver**: keep the largest connected component (26-connectivity) of the liver label and fill
+  its enclosed holes (background 6-connectivity, the topological dual of a 26-connected object),
+  so that a vessel enclosed by liver is counted as liver. With several foreground labels (MSD
+  Task03: 1 liver, 2 tumour) the same is done to their *union*: the largest component of liver
+  and tumour together is kept with each voxel's own label (a patient may have many tumours, and
+  a per-label largest component would keep one), and background it encloses becomes liver (a
+  per-label hole filling would turn every tumour inside the liver into liver).
 * **Lung nodules**: drop connected components smaller than ``min_component_ml`` and describe each
   remaining one: centre in world LPS millimetres (the DICOM/ITK patient coordinates that
   SimpleITK reports), volume in mL, longest diameter in mm and mean predicted probability.
@@ -36,8 +40,10 @@ from scipy.spatial.distance import pdist
 from unetpp3d.atomic import atomic_write_text
 
 __all__ = [
+    "FillForegroundHolesd",
     "Nodule",
     "RemoveSmallComponentsd",
+    "fill_foreground_holes",
     "fill_holes",
     "index_to_lps",
     "keep_largest_component",
@@ -61,12 +67,15 @@ def _foreground_labels(mask: np.ndarray, labels: Iterable[int] | None) -> list[i
     return [int(v) for v in labels if int(v) != 0]
 
 
-def keep_largest_component(mask_xyz: np.ndarray, labels: Iterable[int] | None = None) -> np.ndarray:
-    """Keep only the largest 26-connected component of each foreground label.
+def keep_largest_component(mask_xyz: np.ndarray, labels: Iterable[int] | None = None,
+                           independent: bool = True) -> np.ndarray:
+    """Keep only the largest 26-connected component of each foreground label, or of their union.
 
     Args:
         mask_xyz: integer label map (x, y, z).
         labels: the labels to clean (default: every non-zero label present).
+        independent: True: each label's own largest component. False: the largest component of
+            the union of ``labels``, each voxel keeping its label (MONAI's ``independent=False``).
 
     Returns:
         A new label map of the same shape and dtype; other labels are left untouched.
@@ -74,7 +83,8 @@ def keep_largest_component(mask_xyz: np.ndarray, labels: Iterable[int] | None = 
     applied = _foreground_labels(mask_xyz, labels)
     if not applied:
         return mask_xyz.copy()
-    keep = KeepLargestConnectedComponent(applied_labels=applied, is_onehot=False, independent=True, connectivity=None)
+    keep = KeepLargestConnectedComponent(applied_labels=applied, is_onehot=False, independent=independent,
+                                         connectivity=None)
     out = keep(torch.as_tensor(np.ascontiguousarray(mask_xyz))[None])
     return np.asarray(out[0]).astype(mask_xyz.dtype, copy=False)
 
@@ -93,31 +103,53 @@ def fill_holes(mask_xyz: np.ndarray, labels: Iterable[int] | None = None) -> np.
     """
     out = mask_xyz.copy()
     for label in _foreground_labels(mask_xyz, labels):
-        box = _bounding_box(out == label, margin=1)
-        if box is None:
-            continue
-        region = out[box]
-        # Pad by one voxel of "outside" so that background touching the array border (or the
-        # box border, where the box was clipped by the array) is connected to the outside.
-        outside = np.pad(region != label, 1, constant_values=True)
-        components, _ = ndimage.label(outside, structure=_HOLE_STRUCTURE)
-        holes = components[1:-1, 1:-1, 1:-1] != components[0, 0, 0]
-        holes &= region != label
-        region[holes] = label
+        _fill_enclosed(out, out == label, label)
     return out
 
 
+def fill_foreground_holes(mask_xyz: np.ndarray, labels: Iterable[int], value: int) -> np.ndarray:
+    """Set the voxels enclosed by the union of ``labels`` (holes as in :func:`fill_holes`) to ``value``.
+
+    Voxels of ``labels`` keep their own label: a tumour inside the liver stays a tumour, while
+    background enclosed by liver and tumour together becomes ``value`` (the liver).
+    """
+    out = mask_xyz.copy()
+    _fill_enclosed(out, np.isin(out, [int(v) for v in labels]), value)
+    return out
+
+
+def _fill_enclosed(out: np.ndarray, binary: np.ndarray, value: int) -> None:
+    """In place: voxels outside ``binary`` that it encloses become ``value``, working on its bounding box."""
+    box = _bounding_box(binary, margin=1)
+    if box is None:
+        return
+    inside = binary[box]
+    # Pad by one voxel of "outside" so that background touching the array border (or the box
+    # border, where the box was clipped by the array) is connected to the outside.
+    components, _ = ndimage.label(np.pad(~inside, 1, constant_values=True), structure=_HOLE_STRUCTURE)
+    holes = (components[1:-1, 1:-1, 1:-1] != components[0, 0, 0]) & ~inside
+    out[box][holes] = value
+
+
 def largest_component_filled(mask_xyz: np.ndarray, labels: Iterable[int] | None = None) -> np.ndarray:
-    """The liver post-processing: largest connected component of each label, holes filled.
+    """The liver post-processing: the largest connected component, holes filled.
+
+    With one foreground label, its largest component with its holes filled. With several (liver
+    and tumour), the largest component of their union, each voxel keeping its label, and the
+    background that union encloses set to the first label (the organ); see the module docstring.
 
     Args:
         mask_xyz: integer label map (x, y, z).
-        labels: foreground labels to clean (default: every non-zero label present).
+        labels: foreground labels to clean (default: every non-zero label present); the first
+            (smallest) one is the organ.
 
     Returns:
         The cleaned label map (a new array).
     """
-    return fill_holes(keep_largest_component(mask_xyz, labels), labels)
+    applied = sorted(_foreground_labels(mask_xyz, labels))
+    if len(applied) <= 1:
+        return fill_holes(keep_largest_component(mask_xyz, applied), applied)
+    return fill_foreground_holes(keep_largest_component(mask_xyz, applied, independent=False), applied, applied[0])
 
 
 def _bounding_box(binary: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
@@ -198,6 +230,37 @@ class RemoveSmallComponentsd(MapTransform):
         return d
 
 
+class FillForegroundHolesd(MapTransform):
+    """MONAI dictionary transform wrapping :func:`fill_foreground_holes` (channel-first label maps).
+
+    Args:
+        keys: keys of the label maps to fill.
+        labels: the labels whose union encloses the holes.
+        value: the label the holes get.
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, labels: Sequence[int], value: int,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.labels = [int(v) for v in labels]
+        self.value = int(value)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
+            filled = fill_foreground_holes(arr[0], self.labels, self.value)[None]
+            if isinstance(img, torch.Tensor):
+                new = img.clone()
+                new[...] = torch.as_tensor(filled, dtype=img.dtype, device=img.device)
+                d[key] = new
+            else:
+                d[key] = filled
+        return d
+
+
 def postprocess_transforms(task: str, labels: Sequence[int], min_component_ml: float = 0.0,
                            keys: KeysCollection = "pred") -> list[MapTransform]:
     """The task's post-processing as MONAI dictionary transforms, for a bundle's ``inference.json``.
@@ -211,7 +274,12 @@ def postprocess_transforms(task: str, labels: Sequence[int], min_component_ml: f
         min_component_ml: smallest nodule kept, in mL (lung nodules only).
         keys: the dictionary key(s) of the label map.
     """
-    applied = [int(v) for v in labels if int(v) != 0]
+    applied = sorted(int(v) for v in labels if int(v) != 0)
+    if task == "liver" and len(applied) > 1:  # liver and tumour: the union, see largest_component_filled
+        return [
+            KeepLargestConnectedComponentd(keys, applied_labels=applied, is_onehot=False, independent=False),
+            FillForegroundHolesd(keys, labels=applied, value=applied[0]),
+        ]
     if task == "liver":
         return [
             KeepLargestConnectedComponentd(keys, applied_labels=applied, is_onehot=False, independent=True),

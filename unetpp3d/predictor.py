@@ -9,7 +9,8 @@ One case goes through these steps, each a MONAI component, so that an exported M
 2. ``inferer``: ``SlidingWindowInferer(roi_size, sw_batch_size, overlap, mode="gaussian")``
    (:meth:`Predictor.inferer`) over ``network`` = ``ProbabilityNet(net, tta, prune_level)``,
    which gives each window's softmax probabilities (averaged over the 8 flips of the three
-   axes with test-time augmentation). ``roi_size`` is ``prep.patch_size`` rounded up to the
+   axes with test-time augmentation); with several models (the folds of a cross-validation),
+   ``EnsembleNet`` averages their probabilities. ``roi_size`` is ``prep.patch_size`` rounded up to the
    network's size divisor; inputs smaller than it are padded. Windows run on the GPU; the
    whole-volume output is stitched there when it fits in free GPU memory, else on the CPU.
 3. ``postprocessing``: ``Invertd(keys="pred", transform=preprocessing, orig_keys="image",
@@ -45,6 +46,7 @@ from unetpp3d.config import Preprocessing
 from unetpp3d.errors import UserError
 
 __all__ = [
+    "EnsembleNet",
     "Prediction",
     "Predictor",
     "ProbabilityNet",
@@ -122,6 +124,30 @@ class ProbabilityNet(nn.Module):
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
         return total / (len(_FLIPS) if self.tta else 1)
+
+
+class EnsembleNet(nn.Module):
+    """Average the class probabilities of several :class:`ProbabilityNet` on each window.
+
+    The fold ensemble of a cross-validation, as nnU-Net does it: every model sees the same
+    preprocessed window and their softmax outputs are averaged, so the ensemble's argmax is the
+    class with the highest mean probability.
+
+    Args:
+        members: modules returning probabilities ``(B, C, x, y, z)``, all with the same classes.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total = total + member(x)
+        return total / len(self.members)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +232,7 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str,
     meta_path = folder / "configs" / "metadata.json"
     try:
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{meta_path}: not readable JSON ({exc})") from None
     ours = metadata.get(BUNDLE_METADATA_KEY) if isinstance(metadata, dict) else None
     weights = folder / "models" / "model.pt"
@@ -271,6 +297,36 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module, dict, dict, Path]:
+    """Network, preprocessing dict, config dict and resolved path of one model source (see ``from_source``)."""
+    path = Path(model) if model is not None else find_default_model()
+    if path.is_dir() and _is_bundle(path):
+        net, prep, config = _load_bundle(path, trust_bundle)
+    else:
+        from unetpp3d.checkpoint import load_checkpoint, resolve_model_path
+        from unetpp3d.network import UNetPlusPlus3D
+
+        ckpt = resolve_model_path(path)
+        payload = load_checkpoint(ckpt)
+        if "preprocessing" not in payload:
+            raise UserError(f"{ckpt}: has no preprocessing, so its input pipeline is unknown; use a checkpoint "
+                            "written by `unetpp3d train` (best.pt or last.pt)")
+        try:
+            net = UNetPlusPlus3D.from_checkpoint(payload)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{ckpt}: model arguments and weights do not fit ({exc})") from None
+        prep, config = payload["preprocessing"], payload.get("config") or {}
+        path = ckpt
+    log.info("model: %s", path)
+    return net, prep, config or {}, path
+
+
+def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``"name: value_a vs value_b"`` for each field of two models' preprocessing that differs."""
+    a, b = Preprocessing.from_dict(dict(a)).to_dict(), Preprocessing.from_dict(dict(b)).to_dict()
+    return [f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key]]
+
+
 # --------------------------------------------------------------------------------------------
 # Predictor
 # --------------------------------------------------------------------------------------------
@@ -310,7 +366,8 @@ class Predictor:
 
     Args:
         network: the segmentation network (a :class:`~unetpp3d.network.UNetPlusPlus3D`, or any
-            module returning logits in eval mode).
+            module returning logits in eval mode), or a list of them sharing ``preprocessing``:
+            an ensemble whose softmax probabilities are averaged (:class:`EnsembleNet`).
         preprocessing: the model's :class:`Preprocessing` (or its dict).
         mode: "accurate" (mean of all deep-supervision heads) or "fast" (the pruned UNet++ L^l).
         prune_level: l for fast mode; default 2, capped at the network's depth.
@@ -336,9 +393,10 @@ class Predictor:
         >>> write_mask(result.mask_xyz, result.geometry, "ct_liver.nii.gz")
     """
 
-    def __init__(self, network: nn.Module, preprocessing: Preprocessing | dict[str, Any], *, mode: str = "accurate",
-                 prune_level: int | None = None, tta: bool = False, overlap: float = 0.5, sw_batch_size: int = 2,
-                 device: str | torch.device | None = None, amp: bool = True, min_component_ml: float = 0.0,
+    def __init__(self, network: nn.Module | Sequence[nn.Module], preprocessing: Preprocessing | dict[str, Any], *,
+                 mode: str = "accurate", prune_level: int | None = None, tta: bool = False, overlap: float = 0.5,
+                 sw_batch_size: int = 2, device: str | torch.device | None = None, amp: bool = True,
+                 min_component_ml: float = 0.0,
                  series_uid: str | None = None, keep_probabilities: bool | None = None, progress: bool = True,
                  source: str = "model"):
         if not isinstance(preprocessing, Preprocessing):
@@ -355,7 +413,11 @@ class Predictor:
         if float(min_component_ml) < 0:
             raise UserError(f"min_component_ml {min_component_ml}: must not be negative")
         self.mode = mode
-        self.prune_level = self._check_prune_level(network, mode, prune_level)
+        networks = list(network) if isinstance(network, (list, tuple)) else [network]
+        if not networks:
+            raise UserError("no model given")
+        levels = [self._check_prune_level(net, mode, prune_level) for net in networks]
+        self.prune_level = levels[0]
         self.tta = bool(tta)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
@@ -369,10 +431,14 @@ class Predictor:
         if amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-        self.network = network.to(self.device).eval()
-        self.window_net = ProbabilityNet(self.network, tta=self.tta, amp_dtype=self.amp_dtype,
-                                         prune_level=self.prune_level).eval()
-        divisor = tuple(getattr(network, "size_divisor", (1, 1, 1)))
+        self.networks = [net.to(self.device).eval() for net in networks]
+        self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
+        members = [ProbabilityNet(net, tta=self.tta, amp_dtype=self.amp_dtype, prune_level=level)
+                   for net, level in zip(self.networks, levels)]
+        self.window_net = (members[0] if len(members) == 1 else EnsembleNet(members)).eval()
+        # Every member's size divisor, per axis (the same for the folds of one config).
+        divisor = tuple(math.lcm(*axis) for axis in zip(*(tuple(getattr(net, "size_divisor", (1, 1, 1)))
+                                                            for net in self.networks)))
         # Every window must pass the network: round the patch up to the strides' product.
         self.roi_size = _round_up(self.prep.patch_size, divisor)
         if list(self.roi_size) != [int(p) for p in self.prep.patch_size]:
@@ -404,15 +470,20 @@ class Predictor:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_source(cls, model: str | Path | None = None, device: str | torch.device | None = None,
-                    trust_bundle: bool = False, *, overlap: float | None = None, batch_size: int | None = None,
+    def from_source(cls, model: str | Path | Sequence[str | Path] | None = None,
+                    device: str | torch.device | None = None, trust_bundle: bool = False, *,
+                    overlap: float | None = None, batch_size: int | None = None,
                     min_component_ml: float | None = None, **options: Any) -> Predictor:
-        """Build a predictor from a checkpoint, a run folder or an exported MONAI Bundle.
+        """Build a predictor from a checkpoint, a run folder or an exported MONAI Bundle, or an ensemble of them.
 
         Args:
             model: a checkpoint file (``.pt``), a training run folder (its ``best.pt``, else
                 ``last.pt``), a bundle folder (``configs/metadata.json`` + ``models/model.pt``),
-                or None: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``.
+                or None: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``. A list of
+                several is an ensemble (e.g. the folds of a cross-validation): their softmax
+                probabilities are averaged, so they must share their preprocessing (task,
+                labels, spacing, intensities, patch size); the sliding-window and post-processing
+                defaults come from the first.
             device: see :class:`Predictor`.
             trust_bundle: allow a bundle that unetpp3d did not export. Such a bundle's network is
                 built with ``monai.bundle.ConfigParser`` from its ``network_def``, which evaluates
@@ -426,35 +497,30 @@ class Predictor:
                 amp, series_uid, keep_probabilities, progress).
 
         Raises:
-            UserError: no model found, an unreadable or untrusted model, or bad settings.
+            UserError: no model found, an unreadable or untrusted model, models of an ensemble
+                whose preprocessing differs, or bad settings.
         """
-        path = Path(model) if model is not None else find_default_model()
-        if path.is_dir() and _is_bundle(path):
-            net, prep, config = _load_bundle(path, trust_bundle)
-        else:
-            from unetpp3d.checkpoint import load_checkpoint, resolve_model_path
-            from unetpp3d.network import UNetPlusPlus3D
-
-            ckpt = resolve_model_path(path)
-            payload = load_checkpoint(ckpt)
-            if "preprocessing" not in payload:
-                raise UserError(f"{ckpt}: has no preprocessing, so its input pipeline is unknown; use a checkpoint "
-                                "written by `unetpp3d train` (best.pt or last.pt)")
-            try:
-                net = UNetPlusPlus3D.from_checkpoint(payload)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise UserError(f"{ckpt}: model arguments and weights do not fit ({exc})") from None
-            prep, config = payload["preprocessing"], payload.get("config") or {}
-            path = ckpt
+        sources = list(model) if isinstance(model, (list, tuple)) else [model]
+        loaded = [_load_model(source, trust_bundle) for source in sources or [None]]
+        net, prep, config, path = loaded[0]
+        for _, other_prep, _, other_path in loaded[1:]:
+            differences = _preprocessing_differences(prep, other_prep)
+            if differences:
+                raise UserError(f"{other_path}: its preprocessing differs from {path}'s ({'; '.join(differences)}), "
+                                "so the models cannot be ensembled (their probabilities must be on the same grid "
+                                "and classes); ensemble models trained on one dataset with one config, such as the "
+                                "folds of a cross-validation")
         infer = (config or {}).get("infer") or {}
-        log.info("model: %s", path)
+        source = str(path)
+        if len(loaded) > 1:
+            source = f"ensemble of {len(loaded)} ({', '.join(str(entry[3]) for entry in loaded)})"
         return cls(
-            net, prep, device=device,
+            [entry[0] for entry in loaded] if len(loaded) > 1 else net, prep, device=device,
             overlap=overlap if overlap is not None else float(infer.get("overlap", 0.5)),
             sw_batch_size=batch_size if batch_size is not None else int(infer.get("sw_batch_size", 2)),
             min_component_ml=(min_component_ml if min_component_ml is not None
                               else float(infer.get("min_component_ml", 0.0))),
-            source=str(path), **options,
+            source=source, **options,
         )
 
     # -- the MONAI pieces, shared with the bundle ---------------------------------------------
@@ -474,9 +540,13 @@ class Predictor:
         """The ``SlidingWindowInferer`` this predictor runs (Gaussian blending, padding for small inputs)."""
         from monai.inferers import SlidingWindowInferer
 
+        from unetpp3d.transforms import pad_value
+
+        # Pad small inputs as training did (with air), not with 0, which is soft tissue after the z-score.
         return SlidingWindowInferer(
             roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian",
-            padding_mode="constant", cval=0.0, sw_device=self.device, device=stitch_device or self.device,
+            padding_mode="constant", cval=pad_value(self.prep), sw_device=self.device,
+            device=stitch_device or self.device,
             progress=self.progress,
         )
 
@@ -818,7 +888,7 @@ def _run_case(predictor: Predictor, case: InputCase, mask_path: Path, preview_pa
                     note)
 
 
-def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | None = None,
+def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | Sequence[str | Path] | None = None,
                   mode: str = "accurate", prune_level: int | None = None, tta: bool = False,
                   overlap: float | None = None, batch_size: int | None = None, device: str | None = None,
                   amp: bool = True, preview: str | Path | None = None, skip_existing: bool = False,
@@ -830,7 +900,8 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
             manifest (its test cases, else its training images).
         out: the mask file (``.nii.gz``) for one scan, or a folder receiving ``<case>.nii.gz``.
             Lung-nodule models also write ``<case>.nodules.json`` and ``.csv`` beside each mask.
-        model: checkpoint, run folder or exported bundle; see :meth:`Predictor.from_source`.
+        model: checkpoint, run folder or exported bundle, or a list of them to ensemble (their
+            probabilities averaged); see :meth:`Predictor.from_source`.
         mode: "accurate" or "fast".
         prune_level: UNet++ L^l for fast mode (default 2, capped at the depth).
         tta: flip test-time augmentation (8 flips, probabilities averaged).

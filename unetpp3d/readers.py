@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import gzip
 import math
+import mmap
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,8 +427,10 @@ def _nifti_complete(path: Path) -> None:
     import nibabel as nib
 
     try:
-        header = nib.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        img = nib.load(str(path))
+        header = img.header
+        # The offset of the file's own header (vox_offset): nibabel resets img.header's to 0.
+        expected = int(img.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     except Exception as exc:  # nibabel raises several types for damaged headers
         raise UserError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc}); "
                         "the file is damaged or not NIfTI") from None
@@ -481,9 +486,121 @@ def _nifti_finite(path: Path) -> None:
                         "(e.g. by the background value) before using the file")
 
 
+# MetaIO keeps its per-dimension fields in arrays of this length: a header declaring more
+# dimensions (or a negative number) makes ITK's MetaImage reader write past them and crash.
+_METAIMAGE_MAX_DIMS = 10
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``Key = Value`` fields of a MetaImage header (up to ``ElementDataFile``) and the offset after it."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        end = len(head) if end < 0 else end
+        key, sep, value = head[pos:end].decode("latin-1").partition("=")
+        pos = end + 1
+        if sep:
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    return fields, pos
+
+
+def _metaimage_precheck(path: Path) -> tuple[dict[str, str], int]:
+    """Refuse a MetaImage header that would crash ITK's reader (it runs in our process)."""
+    fields, data_start = _metaimage_header(path)
+    if "NDims" in fields:
+        token = (fields["NDims"].split() or [""])[0]
+        try:
+            ndims = int(token)
+        except ValueError:
+            ndims = -1
+        if not 1 <= ndims <= _METAIMAGE_MAX_DIMS:
+            raise UserError(f"{path}: the MetaImage header says NDims = {fields['NDims'][:40]!r}, not a number of "
+                            f"dimensions from 1 to {_METAIMAGE_MAX_DIMS}; the file is damaged")
+    return fields, data_start
+
+
+def _data_holds(source: Path, offset: int, expected: int, compressed: bool) -> bool:
+    """Whether ``source`` from ``offset`` holds ``expected`` bytes of voxels (after inflating, if compressed).
+
+    A compressed stream is inflated (and discarded) only up to ``expected`` bytes.
+    """
+    if not compressed:
+        return source.stat().st_size - offset >= expected
+    inflate = zlib.decompressobj(47)  # a zlib or gzip stream, as ITK's readers accept
+    total = 0
+    try:
+        with open(source, "rb") as fh:
+            fh.seek(offset)
+            buf = fh.read(1 << 20)
+            while buf and total < expected:
+                total += len(inflate.decompress(buf, 1 << 24))
+                buf = inflate.unconsumed_tail or (b"" if inflate.eof else fh.read(1 << 20))
+    except (OSError, zlib.error):
+        return False
+    return total >= expected
+
+
+def _refuse_short_data(path: Path, expected: int, compressed: bool) -> None:
+    what = "compressed voxel data is truncated or corrupt" if compressed else "voxel data is truncated"
+    raise UserError(f"{path}: the {what} (the header declares {expected:,} bytes of voxels, the file holds fewer); "
+                    "copy or export the file again")
+
+
+def _metaimage_data_complete(path: Path, fields: dict[str, str], data_start: int, expected: int) -> None:
+    """Refuse MetaImage voxel data shorter than the header declares, before ITK allocates the image.
+
+    ITK fills missing compressed data with zeros without a word (as it does for truncated
+    NIfTI), and allocates the declared size before it finds raw data missing.
+    """
+    compressed = fields.get("CompressedData", "").lower().startswith("t")
+    data_file = fields.get("ElementDataFile", "")
+    if data_file.upper() == "LOCAL":
+        source, offset = path, data_start
+    elif data_file and " " not in data_file and fields.get("HeaderSize", "0") == "0":
+        source, offset = path.parent / data_file, 0
+    else:  # LIST, file patterns, headers to skip: left to ITK
+        return
+    if source.is_file() and not _data_holds(source, offset, expected, compressed):
+        _refuse_short_data(path, expected, compressed)
+
+
+def _nrrd_data_complete(path: Path, expected: int) -> None:
+    """Refuse an attached NRRD whose raw or gzip voxel data is shorter than its header declares.
+
+    ITK allocates the declared size before it finds the data missing: seconds and gigabytes
+    for a damaged header on a kilobyte file.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    end = head.find(b"\n\n")
+    if not head.startswith(b"NRRD") or end < 0:
+        return
+    fields = {}
+    for line in head[:end].decode("latin-1").splitlines()[1:]:
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#") and not value.startswith("="):
+            fields[key.strip().lower()] = value.strip().lower()
+    if any(k in fields for k in ("data file", "datafile", "line skip", "lineskip", "byte skip", "byteskip")):
+        return  # detached or offset data: left to ITK
+    encoding = fields.get("encoding", "")
+    if encoding in ("raw", "gz", "gzip"):
+        compressed = encoding != "raw"
+        if not _data_holds(path, end + 2, expected, compressed):
+            _refuse_short_data(path, expected, compressed)
+
+
 def _read_file(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty (0 bytes)")
+    metaimage = path.name.endswith((".mha", ".mhd"))  # the only names ITK's MetaImage reader takes
+    if metaimage:
+        meta_fields, meta_data_start = _metaimage_precheck(path)
+    _check_dicom_lengths(path)  # a no-op for files without the DICOM preamble
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.LoadPrivateTagsOff()
@@ -498,6 +615,11 @@ def _read_file(path: Path) -> sitk.Image:
     _check_memory(path, int(np.prod(size, dtype=np.int64)), bytes_per_voxel)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _nifti_complete(path)
+    n_bytes = int(np.prod(size, dtype=np.int64)) * bytes_per_voxel
+    if metaimage:
+        _metaimage_data_complete(path, meta_fields, meta_data_start, n_bytes)
+    elif path.name.lower().endswith(".nrrd"):
+        _nrrd_data_complete(path, n_bytes)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -577,6 +699,7 @@ def _scan_dicom(folder: Path) -> tuple[list[_Slice], int]:
     """Read the header of every file in ``folder``; return the DICOM ones and the count of others."""
     slices, others = [], 0
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        _check_dicom_lengths(path)
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(path))
@@ -598,6 +721,119 @@ def _scan_dicom(folder: Path) -> tuple[list[_Slice], int]:
             components=reader.GetNumberOfComponents(),
         ))
     return slices, others
+
+
+# Explicit-VR value representations whose length field is 4 bytes (after 2 reserved bytes).
+_DICOM_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+                             b"UV"})
+_DICOM_UNDEFINED = 0xFFFFFFFF
+
+
+class _DicomWalkStop(Exception):
+    """The element walk cannot tell (a layout it does not follow): leave the file to GDCM."""
+
+
+class _Overrun(Exception):
+    """A DICOM element declares more bytes than its file (or enclosing item) holds."""
+
+
+def _dicom_overrun(path: Path) -> str | None:
+    """Where a DICOM file declares an element longer than the file, or None.
+
+    GDCM allocates an element's declared length before reading it, so one damaged length field
+    makes a 1 kB file take gigabytes of memory. This walks the elements (file meta information,
+    then the data set in its transfer syntax, into undefined-length sequences) and checks only
+    lengths; files it cannot follow (no Part-10 preamble, big-endian or deflated syntaxes,
+    unknown VRs, unreadable files) are left to GDCM.
+    """
+    try:
+        size = path.stat().st_size
+        if size < 132:
+            return None
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[128:132] != b"DICM":
+                return None
+            return _walk_dicom(data, size)
+    except (OSError, ValueError):
+        return None
+
+
+def _walk_dicom(data: mmap.mmap, size: int) -> str | None:
+    """The element walk of :func:`_dicom_overrun` over a mapped Part-10 file."""
+
+    def element(pos: int, explicit: bool) -> tuple[int, int, bytes, int, int]:
+        """(group, element, VR, header length, value length) of the element at ``pos``."""
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group == 0xFFFE or not explicit:  # items and delimiters are always implicit
+            return group, elem, b"", 8, struct.unpack_from("<I", data, pos + 4)[0]
+        vr = bytes(data[pos + 4:pos + 6])
+        if not (vr.isalpha() and vr.isupper()):
+            raise _DicomWalkStop
+        if vr in _DICOM_LONG_VRS:
+            if pos + 12 > size:
+                raise _DicomWalkStop
+            return group, elem, vr, 12, struct.unpack_from("<I", data, pos + 8)[0]
+        return group, elem, vr, 8, struct.unpack_from("<H", data, pos + 6)[0]
+
+    def walk(pos: int, end: int, explicit: bool, depth: int, delimited: bool) -> int:
+        """Check the elements from ``pos``; inside a ``delimited`` block, return the offset after its delimiter."""
+        if depth > 32:
+            raise _DicomWalkStop
+        while pos + 8 <= end:
+            group, elem, vr, head, length = element(pos, explicit)
+            if group == 0xFFFE and elem in (0xE00D, 0xE0DD):  # item / sequence delimiter
+                if not delimited:
+                    raise _DicomWalkStop
+                return pos + 8
+            if length == _DICOM_UNDEFINED:
+                # A sequence, an item, or encapsulated pixel data, ended by a delimiter; the
+                # content of an undefined-length UN is implicit VR.
+                pos = walk(pos + head, end, explicit and vr != b"UN", depth + 1, delimited=True)
+                continue
+            if pos + head + length > end:
+                raise _Overrun(f"element ({group:04X},{elem:04X}) at byte {pos:,} declares {length:,} bytes "
+                               f"but {max(end - pos - head, 0):,} follow")
+            pos += head + length
+        if delimited:  # no delimiter before the end: truncated; GDCM says so
+            raise _DicomWalkStop
+        return pos
+
+    def overrun(pos: int, explicit: bool) -> str | None:
+        try:
+            walk(pos, size, explicit, depth=0, delimited=False)
+        except _Overrun as exc:
+            return str(exc)
+        except (_DicomWalkStop, struct.error):
+            pass
+        return None
+
+    # File meta information: explicit VR little endian, group 0002.
+    pos, syntax = 132, None
+    try:
+        while pos + 8 <= size and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+            _, elem, _, head, length = element(pos, True)
+            if length == _DICOM_UNDEFINED or pos + head + length > size:
+                return f"file meta element (0002,{elem:04X}) declares {length:,} bytes, more than the file holds"
+            if elem == 0x0010:
+                syntax = bytes(data[pos + head:pos + head + length]).decode("ascii", "replace").strip("\x00 ")
+            pos += head + length
+    except (_DicomWalkStop, struct.error):
+        return None
+    if syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):  # big endian, deflated
+        return None
+    if syntax is None:
+        # No transfer syntax (a damaged or non-conformant meta group): GDCM guesses the
+        # encoding, so the file is damaged only when neither encoding fits it.
+        explicit = overrun(pos, True)
+        return explicit if explicit and overrun(pos, False) else None
+    return overrun(pos, explicit=syntax != "1.2.840.10008.1.2")
+
+
+def _check_dicom_lengths(path: Path) -> None:
+    overrun = _dicom_overrun(path)
+    if overrun:
+        raise UserError(f"{path}: damaged DICOM file: {overrun}; the file is truncated or corrupt — copy or export "
+                        "it again (or remove it from the series folder)")
 
 
 def _uid_name(uid: str) -> str:

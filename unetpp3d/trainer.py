@@ -59,6 +59,7 @@ from unetpp3d.manifest import Case, Manifest, load_manifest, split_cases
 from unetpp3d.network import UNetPlusPlus3D
 from unetpp3d.planning import fingerprint, plan
 from unetpp3d.preview import save_curves_png
+from unetpp3d.transforms import pad_value
 
 __all__ = ["Trainer", "run_training", "make_optimizer", "make_scheduler", "amp_dtype", "Dist"]
 
@@ -385,7 +386,8 @@ class Trainer:
             image, label = (_plain(batch[k]).to(self.device) for k in ("image", "label"))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 logits = sliding_window_inference(image, self.prep.patch_size, self.cfg.infer.sw_batch_size,
-                                                  self.net, overlap=self.cfg.infer.overlap, mode="gaussian")
+                                                  self.net, overlap=self.cfg.infer.overlap, mode="gaussian",
+                                                  cval=pad_value(self.prep))  # pad as training did
             pred = one_hot(logits.argmax(1, keepdim=True), self.prep.num_classes)
             dice = metric(pred, one_hot(label.long(), self.prep.num_classes))[0].double()
             ok = ~torch.isnan(dice)  # a class absent from a case's label says nothing about it

@@ -79,6 +79,7 @@ __all__ = [
     "eval_transforms",
     "inference_transforms",
     "split_for_cache",
+    "pad_value",
     "make_dataset",
 ]
 
@@ -204,6 +205,18 @@ def _normalised(hu: float, mean_std: Sequence[float]) -> float:
     return (float(hu) - mean_std[0]) / mean_std[1]
 
 
+def pad_value(prep: Preprocessing) -> float:
+    """The normalised intensity to pad with: the low end of the intensity clip (air, fat).
+
+    Training pads volumes smaller than its crop with this value (:func:`train_transforms`), so the
+    sliding windows of validation and inference must pad with it too. Padding with 0 instead (the
+    clipped foreground mean, i.e. soft tissue) surrounds a scan thinner than the patch, such as a
+    few-slice series, with tissue the network never saw beside real anatomy.
+    """
+    _, (low, _high), mean_std, _ = _checked(prep)
+    return _normalised(low, mean_std)
+
+
 def load_transforms(keys: KeysCollection = (IMAGE_KEY,), reader: ImageReader | None = None) -> list[MapTransform]:
     """Load files into channel-first float32 MetaTensors.
 
@@ -305,7 +318,7 @@ def train_transforms(prep: Preprocessing, data_cfg: DataConfig, keys: KeysCollec
     pos = float(data_cfg.pos_fraction)
     steps: list[Any] = preprocess_transforms(prep, keys, reader)
     steps += [
-        SpatialPadd(IMAGE_KEY, spatial_size=context, value=_normalised(low, mean_std)),
+        SpatialPadd(IMAGE_KEY, spatial_size=context, value=pad_value(prep)),
         SpatialPadd(labels, spatial_size=context, value=0),
         RandCropByPosNegLabeld(keys, label_key=labels[0], spatial_size=context, pos=pos, neg=1.0 - pos,
                                num_samples=int(data_cfg.samples_per_volume), image_key=IMAGE_KEY,
