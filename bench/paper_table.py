@@ -226,7 +226,7 @@ def evaluate(net: torch.nn.Module, prep, test: list[Case], prune_level: int | No
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break

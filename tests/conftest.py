@@ -40,3 +40,15 @@ def make_image(tmp_path):
         return write_image(tmp_path / name, array_xyz, **geometry)
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """Undo a C library's setlocale: SimpleITK's DICOM writer switches the process to "C", which
+    would make later text I/O without an explicit encoding decode as ASCII."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)

@@ -31,8 +31,8 @@ def test_paper_table_writes_every_model_row(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
-    text = out.read_text()
-    raw = json.loads(out.with_suffix(".json").read_text())
+    text = out.read_text(encoding="utf-8")
+    raw = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     models = ["U-Net (BasicUNet)", "UNet++ (no DS)", "UNet++ (DS)",
               "UNet++ L1 (pruned DS)", "UNet++ L2 (pruned DS)", "UNet++ L3 (pruned DS)"]
     for name in models:
