@@ -377,7 +377,8 @@ def test_monai_components_alone_reproduce_the_mask(tmp_path, small_scan, task):
 
     preprocessing = inference_transforms(predictor.prep, reader=SitkReader())
     data = preprocessing({"image": str(small_scan)})
-    network = ProbabilityNet(UNetPlusPlus3D.from_checkpoint(torch.load(model, weights_only=True)), prune_level=2)
+    network = ProbabilityNet(UNetPlusPlus3D.from_checkpoint(torch.load(model, weights_only=True)), prune_level=2,
+                             amp=True)  # as the predictor (and a bundle) run it by default
     with torch.no_grad():
         data["pred"] = predictor.inferer("cpu")(data["image"][None], network.eval())[0]
     post = Compose([Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False),

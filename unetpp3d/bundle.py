@@ -29,7 +29,8 @@ Run it with MONAI alone::
         --dataset_dir SCANS --output_dir MASKS
 
 which writes ``MASKS/<case>.nii.gz`` on each scan's own grid, as ``unetpp3d infer SCANS --out MASKS``
-does (TTA: ``--window_network#tta True``; fast mode: ``--window_network#prune_level 2``).
+does (TTA: ``--window_network#tta True``; fast mode: ``--window_network#prune_level 2``; fp32
+where ``infer`` would use bf16: ``--window_network#amp False``, as ``--no-amp``).
 The ``$`` expressions are kept to what MONAI's runner needs: the device, the default folders,
 the weights path, ``"initialize"`` (seeding) and ``"run": ["$@evaluator.run()"]``. The workflow is
 :class:`BundleEvaluator`, a small loop with ``SupervisedEvaluator``'s argument names, because
@@ -311,7 +312,7 @@ def inference_config(predictor: Any) -> dict[str, Any]:
                     "weights": "$@bundle_root + '/models/model.pt'", "device": "@device"},
         # Softmax per window (and the 8-flip average with tta), so windows blend probabilities as in `infer`.
         "window_network": {"_target_": "unetpp3d.predictor.ProbabilityNet", "net": "@network", "tta": False,
-                           "prune_level": None},
+                           "prune_level": None, "amp": True},
         "datalist": {"_target_": "unetpp3d.bundle.scan_datalist", "dataset_dir": "@dataset_dir"},
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing_specs(prep)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
@@ -589,7 +590,8 @@ def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], sourc
         "",
         "`SCANS` holds NIfTI/NRRD/MHA files or DICOM series folders; each mask is written as "
         "`MASKS/<case>.nii.gz` on its scan's own grid. Test-time augmentation: add `--window_network#tta True`; "
-        "the faster pruned network: `--window_network#prune_level 2`. A DICOM folder holding several series: "
+        "the faster pruned network: `--window_network#prune_level 2`. Like `unetpp3d infer`, windows run in bf16 on GPUs "
+        "and on CPUs that compute bf16 natively; `--window_network#amp False` keeps fp32. A DICOM folder holding several series: "
         "`--preprocessing#transforms#0#reader#series_uid UID`.",
         "",
         "With unetpp3d (also writes nodule reports and previews):",

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from unetpp3d.hardware import keep_freed_memory
 from unetpp3d.errors import UserError
 
 app = typer.Typer(
@@ -82,7 +83,8 @@ def infer(
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu or cuda:N (default: cuda when available)."),
-    amp: bool = typer.Option(True, help="Mixed precision on the GPU."),
+    amp: bool = typer.Option(True, help="Reduced precision where it pays: bf16 on the GPU and on CPUs that "
+                                          "compute it natively (AMX, AVX512-BF16); --no-amp for fp32."),
     preview: Optional[Path] = typer.Option(None, help="PNG of the mask over the scan (one input) or a folder of PNGs."),
     skip_existing: bool = typer.Option(False, help="Skip inputs whose mask already exists."),
     series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
@@ -137,6 +139,7 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    keep_freed_memory()  # large CPU activations reuse memory instead of fresh pages (see hardware.py)
     try:
         # Standalone mode lets click report usage errors itself (exit status 2) and exit.
         app(args=argv, prog_name="unetpp3d")

@@ -11,17 +11,28 @@ resolution) and position ``j`` along the skip pathway. ``X^{i,0}`` are the encod
 where ``H`` is two 3x3x3 conv-norm-activation units. Heads (1x1x1 convs) sit on the top row
 X^{0,1} ... X^{0,L}. In the code the nodes are held as ``self.encoder[i]`` (X^{i,0}) and
 ``self.nodes[i][j - 1]`` (X^{i,j}); ``self.up[i][j - 1]`` is the Up() feeding X^{i,j}.
+
+Two forward paths compute the same function from the same weights (``net.fused`` picks one):
+the plain reference path, written to read like the figure, and the default fused path, which
+runs the convolutions channels-last, computes instance norm as a per-channel group norm (whose
+CPU kernel keeps channels-last instead of copying to contiguous), and can recompute the cheap
+operations in the backward pass instead of storing them (``net.checkpointing``).
+tests/test_network_perf.py checks that the two agree, outputs and gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from unetpp3d.atomic import atomic_path
 from unetpp3d.errors import UserError
@@ -98,6 +109,85 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+def _run_fused(module: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Run ``module`` (a conv, norm, activation or a Sequential of them) as the fused path does.
+
+    Two changes, neither altering the function:
+      * convolutions get their weights in channels-last layout. oneDNN and cuDNN choose the
+        output layout from input *and* weight, and the network's input (one channel) is
+        ambiguous, so with ordinary weights the whole network would silently run NCDHW.
+      * instance norm runs as group norm with one group per channel (the same statistics):
+        ``InstanceNorm3d`` reshapes to (1, N*C, ...) and copies a channels-last tensor to
+        contiguous and back; the group-norm kernel reads channels-last directly.
+    The activation that follows runs in place on the norm's fresh output, as in the modules.
+    """
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            x = _run_fused(layer, x, channels_last)
+        return x
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) and module.padding_mode == "zeros":
+        w = module.weight
+        if channels_last and not w.is_contiguous(memory_format=torch.channels_last_3d):
+            w = w.contiguous(memory_format=torch.channels_last_3d)  # e.g. weights assigned after __init__
+        if isinstance(module, nn.ConvTranspose3d):
+            return F.conv_transpose3d(x, w, module.bias, module.stride, module.padding, module.output_padding,
+                                      module.groups, module.dilation)
+        if _small_fp32_cpu_batch(x):
+            return torch.ops.aten.mkldnn_convolution(x, w, module.bias, module.padding, module.stride,
+                                                     module.dilation, module.groups)
+        return F.conv3d(x, w, module.bias, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.InstanceNorm3d) and not module.track_running_stats:
+        return torch.group_norm(x, x.shape[1], module.weight, module.bias, module.eps)
+    return module(x)
+
+
+def _small_fp32_cpu_batch(x: torch.Tensor) -> bool:
+    """Whether to call oneDNN's convolution directly (inference only). For fp32 batch-1 inputs with
+    ``C * D * H <= 20480`` (a heuristic tuned on 2D shapes) PyTorch picks its reference CPU
+    convolution, 4-6x slower than oneDNN on this network's lower levels and its first layer.
+    Not under autocast: that op is not on autocast's list, so it would not be cast to bf16; nor
+    under torch.compile, which chooses its own convolution kernels."""
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.shape[0] == 1 and _ONEDNN and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+if _ONEDNN and torch.ops.aten.mkldnn_convolution not in flop_counter.flop_registry:
+    # torch.utils.flop_counter counts aten.convolution only; without this it would miss the
+    # convolutions of the call above and under-count the network's FLOPs.
+    @flop_counter.register_flop_formula(torch.ops.aten.mkldnn_convolution)
+    def _mkldnn_convolution_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+# Under activation checkpointing, keep what is costly to recompute (3x3x3 convolutions: the
+# FLOPs) and recompute what is cheap but large: the dense-skip concatenation, norm, activation,
+# dropout, and the Up() transposed convolutions (kernel = stride: an eighth of a 3x3x3's FLOPs
+# per output voxel at most, and their outputs are full-size C-channel volumes).
+_CONVOLUTIONS = {
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.mkldnn_convolution.default,
+    torch.ops.aten.cudnn_convolution.default,
+}
+
+
+def _keep_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op is torch.ops.aten.convolution.default and args[6]:  # transposed
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in _CONVOLUTIONS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _node(block: ConvBlock, up: nn.Module | None, channels_last: bool, *parts: torch.Tensor) -> torch.Tensor:
+    """X^{i,j} = H([X^{i,0}, ..., X^{i,j-1}, Up(X^{i+1,j-1})]), the last of ``parts`` being the
+    lower node that ``up`` upsamples (no ``up``: an encoder block on one input). One function,
+    so that checkpointing covers the upsampling and concatenation too."""
+    if up is None:
+        return _run_fused(block, parts[0], channels_last)
+    upsampled = _run_fused(up, parts[-1], channels_last)
+    return _run_fused(block, torch.cat([*parts[:-1], upsampled], dim=1), channels_last)
+
+
 class UNetPlusPlus3D(nn.Module):
     """3D UNet++ with dense skip pathways, deep supervision and pruned inference.
 
@@ -122,6 +212,12 @@ class UNetPlusPlus3D(nn.Module):
     of the heads' logits (accurate mode, ``prune_level = None``), or with ``prune_level = l`` only
     the nodes with ``i + j <= l`` are computed and head X^{0,l} is returned (the paper's
     UNet++ L^l). Spatial sizes must be multiples of :attr:`size_divisor`.
+
+    Run-time switches, none saved with the model: ``fused`` (default True) picks the fast path
+    over the plain reference one (same outputs within float tolerance); ``channels_last``
+    (default True) runs the fused path in the NDHWC layout; ``checkpointing`` (default False)
+    makes training store only the convolutions' outputs and recompute the concatenations, norms
+    and activations in the backward pass: less memory for a little more time.
 
     Example::
 
@@ -173,6 +269,9 @@ class UNetPlusPlus3D(nn.Module):
         self.deep_supervision = bool(deep_supervision)
         self.strides = strides3
         self.prune_level: int | None = None
+        self.fused = True
+        self.channels_last = True
+        self.checkpointing = False
 
         self.encoder = nn.ModuleList(
             ConvBlock(in_channels if i == 0 else features[i - 1], features[i], norm, act, dropout,
@@ -191,6 +290,10 @@ class UNetPlusPlus3D(nn.Module):
             self.nodes.append(nodes)
         n_heads = depth if self.deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv3d(features[0], out_channels, kernel_size=1) for _ in range(n_heads))
+        # Convolution weights live channels-last (see _run_fused): converted once here rather than
+        # on every call, and kept a leaf tensor, whose bf16 copy autocast caches across windows.
+        # Values, state_dict keys and saved files are unchanged; only the strides differ.
+        self.to(memory_format=torch.channels_last_3d)
 
     @staticmethod
     def _make_up(cin: int, cout: int, stride: tuple[int, int, int], mode: str) -> nn.Module:
@@ -234,7 +337,22 @@ class UNetPlusPlus3D(nn.Module):
             raise ValueError(f"expected a (batch, channels, D, H, W) tensor, got shape {tuple(x.shape)}")
         self.check_input_size(x.shape[2:])
         top = self._levels_needed()
+        if not self.fused:
+            return self._heads(self._rows_reference(x, top), top, lambda head, t: head(t))
+        cl = self.channels_last
+        if cl:
+            # Every op on the fused path keeps the channels-last layout: one conversion in, and
+            # one out of the few logit channels.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = self._heads(self._rows_fused(x, top), top, lambda head, t: _run_fused(head, t, cl))
+        if not cl:
+            return out
+        if isinstance(out, list):
+            return [o.contiguous() for o in out]
+        return out.contiguous()
 
+    def _rows_reference(self, x: torch.Tensor, top: int) -> list[list[torch.Tensor]]:
+        """The plain path: the nodes X^{i,j} as ``rows[i][j]``, module calls only."""
         # rows[i] holds X^{i,0}, X^{i,1}, ... as they are computed. Computing column by column
         # (anti-diagonals of the figure) means each node's inputs already exist.
         rows: list[list[torch.Tensor]] = [[] for _ in range(top + 1)]
@@ -247,17 +365,38 @@ class UNetPlusPlus3D(nn.Module):
                 lvl = i - k
                 up = self.up[lvl][k - 1](rows[lvl + 1][k - 1])
                 rows[lvl].append(self.nodes[lvl][k - 1](torch.cat([*rows[lvl], up], dim=1)))
+        return rows
 
+    def _rows_fused(self, x: torch.Tensor, top: int) -> list[list[torch.Tensor]]:
+        """The same nodes in the same order as :meth:`_rows_reference`, through :func:`_run_fused`."""
+        cl = self.channels_last
+        run = _node
+        if self.checkpointing and torch.is_grad_enabled():
+            run = partial(checkpoint, _node, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_convolutions))
+        rows: list[list[torch.Tensor]] = [[] for _ in range(top + 1)]
+        feats = x
+        for i in range(top + 1):
+            feats = run(self.encoder[i], None, cl, feats)
+            rows[i].append(feats)
+            for k in range(1, i + 1):
+                lvl = i - k
+                node, up = self.nodes[lvl][k - 1], self.up[lvl][k - 1]
+                rows[lvl].append(run(node, up, cl, *rows[lvl], rows[lvl + 1][k - 1]))
+        return rows
+
+    def _heads(self, rows: list[list[torch.Tensor]], top: int, apply) -> torch.Tensor | list[torch.Tensor]:
+        """The output for the current mode; ``apply(head, features)`` runs one head."""
         if not self.deep_supervision:
-            return self.heads[0](rows[0][self.depth])
+            return apply(self.heads[0], rows[0][self.depth])
         if self.training:
-            return [self.heads[j - 1](rows[0][j]) for j in range(1, self.depth + 1)]
+            return [apply(self.heads[j - 1], rows[0][j]) for j in range(1, self.depth + 1)]
         if self.prune_level is not None:
-            return self.heads[top - 1](rows[0][top])
+            return apply(self.heads[top - 1], rows[0][top])
         # Accurate mode: average the heads' logits, all at full resolution.
-        out = self.heads[0](rows[0][1])
+        out = apply(self.heads[0], rows[0][1])
         for j in range(2, self.depth + 1):
-            out = out + self.heads[j - 1](rows[0][j])
+            out = out + apply(self.heads[j - 1], rows[0][j])
         return out / self.depth
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:

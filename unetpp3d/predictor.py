@@ -44,6 +44,7 @@ from torch import nn
 
 from unetpp3d.config import Preprocessing
 from unetpp3d.errors import UserError
+from unetpp3d.hardware import inference_autocast_dtype
 
 __all__ = [
     "EnsembleNet",
@@ -92,7 +93,9 @@ class ProbabilityNet(nn.Module):
     Args:
         net: a network returning logits ``(B, C, x, y, z)`` in eval mode.
         tta: average over the 8 flips of the three spatial axes.
-        amp_dtype: autocast dtype on CUDA (``torch.float16``/``torch.bfloat16``), or None.
+        amp: autocast where reduced precision pays on the input's device
+            (:func:`~unetpp3d.hardware.inference_autocast_dtype`: bf16 or fp16 on CUDA, bf16 on
+            CPUs with native bf16); decided per call, so a bundle behaves as ``infer`` does.
         prune_level: set as ``net.prune_level`` when the network has one (None: all heads), so
             that a bundle's JSON can choose fast mode with a plain value.
 
@@ -102,12 +105,11 @@ class ProbabilityNet(nn.Module):
         >>> probs = inferer(image[None], ProbabilityNet(net, tta=True))
     """
 
-    def __init__(self, net: nn.Module, tta: bool = False, amp_dtype: torch.dtype | None = None,
-                 prune_level: int | None = None):
+    def __init__(self, net: nn.Module, tta: bool = False, amp: bool = False, prune_level: int | None = None):
         super().__init__()
         self.net = net
         self.tta = bool(tta)
-        self.amp_dtype = amp_dtype
+        self.amp = bool(amp)
         if hasattr(net, "prune_level"):
             net.prune_level = prune_level
         elif prune_level is not None:
@@ -115,10 +117,10 @@ class ProbabilityNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
+        dtype = inference_autocast_dtype(x.device) if self.amp else None
         for dims in _FLIPS if self.tta else _FLIPS[:1]:
             xi = torch.flip(x, dims) if dims else x
-            use_amp = self.amp_dtype is not None and x.is_cuda
-            with torch.autocast("cuda", dtype=self.amp_dtype) if use_amp else contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
                 logits = self.net(xi)
             probs = torch.softmax(logits.float(), dim=1)
             probs = torch.flip(probs, dims) if dims else probs
@@ -375,7 +377,8 @@ class Predictor:
         overlap: sliding-window overlap in [0, 1).
         sw_batch_size: windows per forward pass.
         device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
-        amp: mixed precision on CUDA (bfloat16 where supported, else float16).
+        amp: reduced precision where it pays: bf16 (fp16 where unsupported) on CUDA, bf16 on
+            CPUs that compute it natively (AMX, AVX512-BF16), else fp32.
         min_component_ml: lung nodules smaller than this are dropped.
         series_uid: the DICOM series to read from folders holding several.
         keep_probabilities: return the probabilities in :class:`Prediction` (default: for lung
@@ -427,13 +430,11 @@ class Predictor:
             keep_probabilities = self.prep.task == "lung_nodule"
         self.keep_probabilities = bool(keep_probabilities)
         self.progress = progress
-        self.amp_dtype = None
-        if amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = inference_autocast_dtype(self.device) if amp else None
 
         self.networks = [net.to(self.device).eval() for net in networks]
         self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
-        members = [ProbabilityNet(net, tta=self.tta, amp_dtype=self.amp_dtype, prune_level=level)
+        members = [ProbabilityNet(net, tta=self.tta, amp=amp, prune_level=level)
                    for net, level in zip(self.networks, levels)]
         self.window_net = (members[0] if len(members) == 1 else EnsembleNet(members)).eval()
         # Every member's size divisor, per axis (the same for the folds of one config).
@@ -908,7 +909,7 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         overlap: sliding-window overlap (default: the model's).
         batch_size: windows per forward pass (default: the model's).
         device: cpu, cuda or cuda:N (default: CUDA when available).
-        amp: mixed precision on the GPU.
+        amp: reduced precision where it pays (see :class:`Predictor`).
         preview: a PNG (one scan) or a folder of ``<case>.png`` showing the mask over the scan.
         skip_existing: leave cases whose mask already exists.
         series_uid: the DICOM series to read from folders holding several.

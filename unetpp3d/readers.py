@@ -521,7 +521,20 @@ def _metaimage_precheck(path: Path) -> tuple[dict[str, str], int]:
         if not 1 <= ndims <= _METAIMAGE_MAX_DIMS:
             raise UserError(f"{path}: the MetaImage header says NDims = {fields['NDims'][:40]!r}, not a number of "
                             f"dimensions from 1 to {_METAIMAGE_MAX_DIMS}; the file is damaged")
+    data_file = fields.get("ElementDataFile", "LOCAL")
+    if data_file.upper() != "LOCAL" and not _plain_file_name(data_file):
+        # MetaIO reads "LIST" and "pattern min max step" (the pattern a printf format) as slices in
+        # many files; a damaged value there corrupted the heap of the reading process (found by
+        # tests/test_fuzz.py). CT needs no more than the voxels inline or in one other file.
+        raise UserError(f"{path}: the MetaImage header's ElementDataFile = {data_file[:40]!r} is neither LOCAL nor "
+                        "one file name (multi-file lists and patterns are not supported, and a damaged header "
+                        "looks like one); store the volume as one .mha, .nrrd or .nii.gz")
     return fields, data_start
+
+
+def _plain_file_name(name: str) -> bool:
+    return bool(name) and name.isprintable() and name.upper() != "LIST" and not any(
+        c.isspace() or c == "%" for c in name)
 
 
 def _data_holds(source: Path, offset: int, expected: int, compressed: bool) -> bool:

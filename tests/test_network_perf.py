@@ -1,0 +1,196 @@
+"""The fused forward path (the default) against the plain reference path: same outputs, same
+gradients, every mode. Speed is measured by bench/bench.py, never asserted here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unetpp3d import UNetPlusPlus3D
+
+FEATURES = (4, 8, 16, 32)  # L = 3
+SIZE = 32
+FP32 = dict(rtol=1e-4, atol=1e-4)  # fp32 rounding: conv algorithms differ between layouts
+
+
+def tiny(**kwargs) -> UNetPlusPlus3D:
+    torch.manual_seed(0)
+    args = dict(in_channels=1, out_channels=3, features=FEATURES)
+    args.update(kwargs)
+    return UNetPlusPlus3D(**args)
+
+
+def both(net: UNetPlusPlus3D, x: torch.Tensor):
+    """The network's output on the reference path, then on the fused path."""
+    outs = []
+    for fused in (False, True):
+        net.fused = fused
+        torch.manual_seed(2)  # the same dropout masks on both paths
+        outs.append(net(x))
+    return outs
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 1, SIZE, SIZE, SIZE)
+
+
+@pytest.fixture
+def small(x) -> torch.Tensor:
+    """A smaller input for the backward passes, which dominate this file's run time."""
+    return x[:1, :, :24, :24, :24].contiguous()
+
+
+def test_fused_is_the_default():
+    assert tiny().fused is True and tiny().checkpointing is False
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(norm="group", upsample="trilinear"),
+    dict(norm="batch", act="relu"),
+    dict(deep_supervision=False, act="gelu"),
+    dict(strides=[(2, 2, 1), 2, 2]),
+], ids=["instance-deconv", "group-trilinear", "batch-relu", "single-head-gelu", "anisotropic"])
+def test_training_heads_agree(x, kwargs):
+    net = tiny(**kwargs).train()
+    ref, fused = both(net, x)
+    ref = ref if isinstance(ref, list) else [ref]
+    fused = fused if isinstance(fused, list) else [fused]
+    assert len(ref) == len(fused)
+    for r, f in zip(ref, fused):
+        torch.testing.assert_close(f, r, **FP32)
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "batch"])
+def test_eval_agrees_in_accurate_mode_and_at_every_prune_level(x, norm):
+    net = tiny(norm=norm)
+    with torch.no_grad():
+        net.train()(x)  # gives batch norm running statistics that are not the initial ones
+    net.eval()
+    with torch.inference_mode():
+        for level in (None, *range(1, net.depth + 1)):
+            net.prune_level = level
+            ref, fused = both(net, x)
+            torch.testing.assert_close(fused, ref, **FP32, msg=lambda m: f"prune_level={level}: {m}")
+
+
+def test_outputs_keep_the_callers_memory_layout(x):
+    """Channels-last is internal: callers get ordinary contiguous tensors back."""
+    net = tiny().eval()
+    with torch.inference_mode():
+        assert net(x).is_contiguous()
+        net.train()
+        assert all(h.is_contiguous() for h in net(x))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(norm="batch", upsample="trilinear", dropout=0.2)],
+                         ids=["instance-deconv", "batch-trilinear-dropout"])
+def test_gradients_agree(small, kwargs, checkpointing):
+    net = tiny(**kwargs).train()
+    grads = []
+    for fused in (False, True):
+        net.fused = fused
+        net.checkpointing = checkpointing
+        net.zero_grad(set_to_none=True)
+        xin = small.clone().requires_grad_(True)
+        torch.manual_seed(2)
+        heads = net(xin)
+        loss = sum((k + 1) * h.square().mean() for k, h in enumerate(heads))
+        loss.backward()
+        grads.append({"input": xin.grad, **{n: p.grad for n, p in net.named_parameters()}})
+    ref, fused = grads
+    assert ref.keys() == fused.keys()
+    for name in ref:
+        scale = ref[name].abs().max().item() or 1.0
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_checkpointing_changes_nothing_in_eval_or_without_grad(x):
+    net = tiny().eval()
+    net.checkpointing = True
+    with torch.no_grad():
+        ref = net(x)
+        net.checkpointing = False
+        torch.testing.assert_close(net(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bf16_autocast_agrees_loosely(x, mode):
+    """Under bf16 autocast both paths round differently; they must still agree to bf16 precision."""
+    net = tiny().train(mode == "train")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, fused = both(net, x)
+    ref = ref if isinstance(ref, list) else [ref]
+    fused = fused if isinstance(fused, list) else [fused]
+    for r, f in zip(ref, fused):
+        r, f = r.float(), f.float()
+        scale = r.abs().max().item()
+        assert (f - r).abs().max().item() <= 0.05 * scale
+        # and the segmentation they imply is the same almost everywhere
+        assert (f.argmax(1) == r.argmax(1)).float().mean().item() >= 0.98
+
+
+def test_bf16_fused_gradients_lose_no_more_than_the_reference_path(small):
+    """bf16 gradients of a random network are noisy on either path; the fused one must be as
+    close to the fp32 gradients as the reference path's are."""
+    net = tiny().train()
+
+    def grads(fused: bool, bf16: bool) -> dict[str, torch.Tensor]:
+        net.fused = fused
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            heads = net(small)
+        sum(h.float().square().mean() for h in heads).backward()
+        return {n: p.grad.flatten().double() for n, p in net.named_parameters()}
+
+    exact, ref, fused = grads(False, False), grads(False, True), grads(True, True)
+    cos = torch.nn.functional.cosine_similarity
+    for name, g in exact.items():
+        c_ref, c_fused = cos(ref[name], g, dim=0).item(), cos(fused[name], g, dim=0).item()
+        assert c_fused > 0.9 and c_fused >= c_ref - 0.03, (name, c_ref, c_fused)
+
+
+def test_trace_of_the_fused_path_matches_the_reference(x):
+    net = tiny().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x[:1], check_trace=False)
+        net.fused = False
+        torch.testing.assert_close(traced(x[:1]), net(x[:1]), **FP32)
+
+
+def test_checkpointing_recomputes_only_the_upsampling_convolutions(small):
+    """Checkpointing recomputes the cheap ops and the Up() transposed convolutions, never a
+    3x3x3 convolution: the step costs exactly the Up() forward FLOPs more."""
+    import re
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = tiny().train()
+    flops = []
+    for checkpointing in (False, True):
+        net.checkpointing = checkpointing
+        with FlopCounterMode(display=False) as counter:
+            sum(h.sum() for h in net(small)).backward()
+        flops.append(counter.get_total_flops())
+    net.fused = False  # module calls, so that the counter attributes FLOPs to the Up() modules
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(small)
+    up = sum(sum(v.values()) for k, v in counter.get_flop_counts().items() if re.fullmatch(r".*\.up\.\d+\.\d+", k))
+    assert up > 0 and flops[1] - flops[0] == up
+
+
+def test_weights_are_channels_last_and_load_from_contiguous_ones(x):
+    """The weights' layout is internal: a state_dict from contiguous weights loads, and gives the
+    same outputs on both paths."""
+    net = tiny().eval()
+    assert net.encoder[1][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    plain = tiny().eval().to(memory_format=torch.contiguous_format)
+    net.load_state_dict(plain.state_dict())
+    with torch.inference_mode():
+        plain.fused = False
+        torch.testing.assert_close(net(x), plain(x), **FP32)
+        plain.fused = True  # weights that are not channels-last are converted on the fly
+        torch.testing.assert_close(net(x), plain(x), **FP32)
