@@ -340,3 +340,22 @@ def test_an_epoch_draws_the_same_patches_however_the_run_got_there(workers):
     assert all(torch.equal(x, y) for x, y in zip(epoch1, again))
     other_rank = batches(make(rank=1), 1)
     assert not any(torch.equal(x, y) for x, y in zip(epoch1, other_rank))
+
+
+def test_train_checkpointing_setting_reaches_the_network(phantoms, tmp_path, monkeypatch):
+    """`train.checkpointing=true` trains with activation checkpointing (recomputed in backward)."""
+    import unetpp3d.trainer as trainer_module
+    from unetpp3d.network import UNetPlusPlus3D
+
+    seen: list[bool] = []
+
+    class Recording(UNetPlusPlus3D):
+        def forward(self, x):
+            if self.training:
+                seen.append(self.checkpointing)
+            return super().forward(x)
+
+    monkeypatch.setattr(trainer_module, "UNetPlusPlus3D", Recording)
+    run_training(phantoms, SMOKE, tmp_path / "run", device="cpu",
+                 overrides=TINY + ["train.epochs=1", "train.iterations_per_epoch=2", "train.checkpointing=true"])
+    assert seen and all(seen)

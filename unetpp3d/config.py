@@ -84,6 +84,9 @@ class TrainConfig:
     head_weights: Union[str, list] = AUTO  # "auto": equal weights summing to 1
     loss: Literal["dice_ce", "dice_bce"] = "dice_ce"
     compile: bool = False
+    # Recompute concatenations, norms and activations in the backward pass instead of storing
+    # them (UNetPlusPlus3D.checkpointing): less memory for large patches, a little more time.
+    checkpointing: bool = False
     deterministic: bool = False
 
 

@@ -721,6 +721,7 @@ def _build_trainer(p: _Plan, folder: Path, dist: Dist, device: torch.device, amp
     _configure_determinism(cfg, device)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
     net = UNetPlusPlus3D(**_model_args(cfg, prep)).to(device)
+    net.checkpointing = cfg.train.checkpointing
     if payload is not None:
         net.load_state_dict(payload["state_dict"])
     model: torch.nn.Module = net
