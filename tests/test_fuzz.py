@@ -438,9 +438,11 @@ def test_metaimage_dimension_count_that_would_crash_itk_is_refused(seeds, tmp_pa
 
 @pytest.mark.parametrize("value", [b"L\x7fv\x8b\xf0\\ \xbd\xd5\xbf\xbd", b"slice%s%s%s%s%n.raw 1 3 1", b"LIST"])
 def test_metaimage_data_file_list_or_pattern_is_refused_in_a_subprocess(seeds, tmp_path, value):
-    """A damaged ElementDataFile that MetaIO takes for a multi-file pattern corrupted the heap (the
-    first value is what the long fuzz run produced; the process aborted reads later). Refused
-    before ITK sees it; read in a subprocess, so that a regression fails this test, not the suite."""
+    """A damaged ElementDataFile that MetaIO takes for a multi-file pattern (it holds a "%")
+    corrupted the heap: the long fuzz run produced such values, and the process aborted reads
+    later. Refused before ITK sees it, as are control characters (the first value, the start of
+    one of those) and LIST; read in a subprocess, so that a regression fails this test, not the
+    suite."""
     (name, data), = seeds["mha"].items()
     path = tmp_path / name
     path.write_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile = " + value, 1))
@@ -454,12 +456,14 @@ def test_metaimage_data_file_list_or_pattern_is_refused_in_a_subprocess(seeds, t
     assert "ElementDataFile" in proc.stdout and "neither LOCAL nor one file name" in proc.stdout
 
 
-def test_metaimage_with_its_voxels_in_one_other_file_is_read(seeds, tmp_path):
-    """The refusal above leaves the ordinary header + raw pair (.mhd/.raw) alone."""
+@pytest.mark.parametrize("raw_name", ["volume.raw", "scan 1.raw", "Ωmega çt.raw"])
+def test_metaimage_with_its_voxels_in_one_other_file_is_read(seeds, tmp_path, raw_name):
+    """The refusal above leaves the ordinary header + raw pair (.mhd/.raw) alone, spaces and
+    non-ASCII letters in the name included."""
     (name, data), = seeds["mha"].items()
     start = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
-    (tmp_path / "volume.raw").write_bytes(data[start:])
-    (tmp_path / "volume.mhd").write_bytes(data[:start].replace(b"= LOCAL", b"= volume.raw"))
+    (tmp_path / raw_name).write_bytes(data[start:])
+    (tmp_path / "volume.mhd").write_bytes(data[:start].replace(b"= LOCAL", b"= " + raw_name.encode()))
     np.testing.assert_array_equal(read_image(tmp_path / "volume.mhd")[0], VOLUME)
 
 

@@ -523,8 +523,9 @@ def _metaimage_precheck(path: Path) -> tuple[dict[str, str], int]:
                             f"dimensions from 1 to {_METAIMAGE_MAX_DIMS}; the file is damaged")
     data_file = fields.get("ElementDataFile", "LOCAL")
     if data_file.upper() != "LOCAL" and not _plain_file_name(data_file):
-        # MetaIO reads "LIST" and "pattern min max step" (the pattern a printf format) as slices in
-        # many files; a damaged value there corrupted the heap of the reading process (found by
+        # MetaIO reads "LIST" and a value holding "%" ("pattern min max step", the pattern a
+        # printf format) as slices in many files; damaged voxel bytes taken for such a pattern
+        # wrote past a buffer (valgrind) and corrupted the heap of the reading process (found by
         # tests/test_fuzz.py). CT needs no more than the voxels inline or in one other file.
         raise UserError(f"{path}: the MetaImage header's ElementDataFile = {data_file[:40]!r} is neither LOCAL nor "
                         "one file name (multi-file lists and patterns are not supported, and a damaged header "
@@ -533,8 +534,10 @@ def _metaimage_precheck(path: Path) -> tuple[dict[str, str], int]:
 
 
 def _plain_file_name(name: str) -> bool:
-    return bool(name) and name.isprintable() and name.upper() != "LIST" and not any(
-        c.isspace() or c == "%" for c in name)
+    """One data file's name: spaces and non-ASCII letters are fine (ITK writes "scan 1.raw"); a
+    "%", "LIST" or control characters are not."""
+    return bool(name) and name.upper() != "LIST" and "%" not in name and not any(
+        ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 def _data_holds(source: Path, offset: int, expected: int, compressed: bool) -> bool:
@@ -574,7 +577,7 @@ def _metaimage_data_complete(path: Path, fields: dict[str, str], data_start: int
     data_file = fields.get("ElementDataFile", "")
     if data_file.upper() == "LOCAL":
         source, offset = path, data_start
-    elif data_file and " " not in data_file and fields.get("HeaderSize", "0") == "0":
+    elif _plain_file_name(data_file) and fields.get("HeaderSize", "0") == "0":
         source, offset = path.parent / data_file, 0
     else:  # LIST, file patterns, headers to skip: left to ITK
         return
