@@ -13,8 +13,8 @@ from typing import Optional
 
 import typer
 
-from unetpp3d.hardware import keep_freed_memory
 from unetpp3d.errors import UserError
+from unetpp3d.hardware import keep_freed_memory
 
 app = typer.Typer(
     add_completion=False,
