@@ -3,7 +3,7 @@
 
     python bench/bench.py --device cpu --quick --json cpu.json      # this machine, a few minutes
     python bench/bench.py --device cpu --json cpu.json              # more rounds, every mode
-    python bench/bench.py --device cuda --json gpu.json             # one GPU, about 6-8 minutes
+    python bench/bench.py --device cuda --json gpu.json             # one GPU, an estimated 6-8 minutes
     python bench/bench.py --device cuda --quick --no-compile        # the shortest GPU run
 
 Both networks get the same FLOPs: MONAI's features (32, 32, 64, 128, 256, 32) and ours
