@@ -24,7 +24,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,18 @@ def remove_small_components(mask_xyz: np.ndarray, spacing: Sequence[float], min_
     return out
 
 
+def _on_first_channel(img: Any, fn: Callable[[np.ndarray], np.ndarray]) -> Any:
+    """``fn`` applied to channel 0 of a channel-first label map, returned as the input came: a
+    tensor (a MetaTensor keeps its metadata, dtype and device) or a NumPy array."""
+    arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
+    out = fn(arr[0])[None]
+    if not isinstance(img, torch.Tensor):
+        return out
+    new = img.clone()
+    new[...] = torch.as_tensor(out, dtype=img.dtype, device=img.device)
+    return new
+
+
 class RemoveSmallComponentsd(MapTransform):
     """MONAI dictionary transform wrapping :func:`remove_small_components`.
 
@@ -219,14 +231,7 @@ class RemoveSmallComponentsd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             spacing = [float(s) for s in img.pixdim] if hasattr(img, "pixdim") else [1.0, 1.0, 1.0]
-            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
-            cleaned = remove_small_components(arr[0], spacing, self.min_ml, self.labels)[None]
-            if isinstance(img, torch.Tensor):
-                new = img.clone()
-                new[...] = torch.as_tensor(cleaned, dtype=img.dtype, device=img.device)
-                d[key] = new
-            else:
-                d[key] = cleaned
+            d[key] = _on_first_channel(img, lambda m: remove_small_components(m, spacing, self.min_ml, self.labels))
         return d
 
 
@@ -249,15 +254,7 @@ class FillForegroundHolesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            arr = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img)
-            filled = fill_foreground_holes(arr[0], self.labels, self.value)[None]
-            if isinstance(img, torch.Tensor):
-                new = img.clone()
-                new[...] = torch.as_tensor(filled, dtype=img.dtype, device=img.device)
-                d[key] = new
-            else:
-                d[key] = filled
+            d[key] = _on_first_channel(d[key], lambda m: fill_foreground_holes(m, self.labels, self.value))
         return d
 
 
