@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import ONE_THREAD
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from test_readers import write_dicom_series
@@ -49,7 +50,6 @@ from unetpp3d.readers import read_image
 
 # A read that takes longer than this is a hang: faulthandler dumps the stacks and exits.
 HANG_S = 120
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # A generous deadline per example: reads take milliseconds, but the machine may be shared.
 SETTINGS = dict(deadline=timedelta(seconds=30), database=None, suppress_health_check=list(HealthCheck),
                 derandomize=False)

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import ONE_THREAD, write_image
 
 from unetpp3d.checkpoint import load_checkpoint
 from unetpp3d.config import Config, Preprocessing
@@ -40,19 +40,14 @@ from unetpp3d.readers import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+ONE_THREAD_UTF8 = {**ONE_THREAD, "PYTHONIOENCODING": "utf-8"}
 TINY = ["model.features=[4,8,16]", "data.patch_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
         "train.iterations_per_epoch=4", "train.val_every=1", "train.amp=off"]
 N_SCANS = 12
 GiB = 1024**3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unetpp3d(*args: str | Path, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -60,7 +55,7 @@ def unetpp3d(*args: str | Path, timeout: float = 600, **kwargs) -> subprocess.Co
     script = Path(sys.executable).with_name("unetpp3d")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "unetpp3d"]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, encoding="utf-8", errors="replace",
-                          env=ONE_THREAD, timeout=timeout, **kwargs)
+                          env=ONE_THREAD_UTF8, timeout=timeout, **kwargs)
 
 
 class Background:
@@ -71,7 +66,7 @@ class Background:
         cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "unetpp3d"]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([*cmd, *map(str, args)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=ONE_THREAD)
+                                     env=ONE_THREAD_UTF8)
 
     def output(self, timeout: float = 600) -> str:
         """Wait for the end and return what it printed."""

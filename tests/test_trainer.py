@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import ONE_THREAD
 from monai.data import Dataset
 from monai.transforms import Compose, RandSpatialCropSamplesd
 
@@ -34,17 +34,9 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 TINY = ["model.features=[4,8,16]", "data.patch_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
         "train.iterations_per_epoch=4", "train.val_every=1", "train.amp=off"]
 EPOCHS = 3
-# One thread per process: on a shared 2-core machine several OpenMP threads per process wait on
-# each other and a run takes ten times longer. Results do not depend on it.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
