@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a plain checkout too (the GPU machine has no install)
 
 from unetpp3d.hardware import inference_autocast_dtype, keep_freed_memory  # noqa: E402
-from unetpp3d.network import UNetPlusPlus3D, load_model  # noqa: E402
+from unetpp3d.model.network import UNetPlusPlus3D, load_model  # noqa: E402
 
 CLASSES = 3
 OURS_FEATURES = (32, 32, 64, 128, 256)

@@ -9,18 +9,18 @@ supervision (DS) and the pruned UNet++ L^1..L^4 by IoU. This script rebuilds the
 shape on the project's synthetic phantoms (``unetpp3d.synth``), per task (liver, lung nodule):
 
 * data: one training set and one *separately seeded* held-out test set per task, written once
-  with :func:`unetpp3d.synth.write_dataset`; the same for every model and seed;
-* preprocessing: planned once per task from the training set (:func:`unetpp3d.planning.plan`);
+  with :func:`unetpp3d.synth.phantom.write_dataset`; the same for every model and seed;
+* preprocessing: planned once per task from the training set (:func:`unetpp3d.data.planning.plan`);
 * models, all trained by the same loop below with the same budget (iterations, patch, batch,
   optimiser, poly schedule), the same patch stream and the same seeds:
     - ``U-Net``: MONAI ``BasicUNet`` with features chosen so its parameter count is within
       ``--param-tolerance`` of our UNet++ (both counts printed and tabulated);
-    - ``UNet++``: :class:`unetpp3d.network.UNetPlusPlus3D` without deep supervision;
+    - ``UNet++``: :class:`unetpp3d.model.network.UNetPlusPlus3D` without deep supervision;
     - ``UNet++ DS``: with deep supervision, evaluated in accurate mode (mean of the heads);
     - ``UNet++ L^l``: the *same* deep-supervised weights pruned at inference (``prune_level=l``);
-* evaluation: :class:`unetpp3d.predictor.Predictor` (sliding window, inverse transforms to the
+* evaluation: :class:`unetpp3d.inference.predictor.Predictor` (sliding window, inverse transforms to the
   scan's own grid, the task's post-processing) for every model alike, then
-  :func:`unetpp3d.evaluate.score_arrays` for foreground IoU and Dice per test volume; a seed's
+  :func:`unetpp3d.evaluation.metrics.score_arrays` for foreground IoU and Dice per test volume; a seed's
   score is the mean over the test volumes; the table gives mean and sample std over seeds;
 * timing: wall seconds per test volume of ``Predictor.predict`` (read, preprocess, windows,
   inverse, post-process) on this machine, with ``--threads`` torch threads.
@@ -54,16 +54,18 @@ if str(REPO) not in sys.path:
 from monai.networks.nets import BasicUNet  # noqa: E402
 
 from unetpp3d.config import config_from_dict  # noqa: E402
-from unetpp3d.evaluate import score_arrays  # noqa: E402
-from unetpp3d.loader import make_train_loader  # noqa: E402
-from unetpp3d.loss import DeepSupervisionLoss  # noqa: E402
-from unetpp3d.manifest import Case, load_manifest  # noqa: E402
-from unetpp3d.network import UNetPlusPlus3D  # noqa: E402
-from unetpp3d.planning import fingerprint, plan  # noqa: E402
-from unetpp3d.predictor import Predictor  # noqa: E402
-from unetpp3d.readers import read_image  # noqa: E402
-from unetpp3d.synth import write_dataset  # noqa: E402
-from unetpp3d.trainer import make_optimizer, make_scheduler, seed_everything  # noqa: E402
+from unetpp3d.evaluation.metrics import score_arrays  # noqa: E402
+from unetpp3d.data.loader import make_train_loader  # noqa: E402
+from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
+from unetpp3d.data.manifest import Case, load_manifest  # noqa: E402
+from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
+from unetpp3d.data.fingerprint import fingerprint
+from unetpp3d.data.planning import plan  # noqa: E402
+from unetpp3d.inference.predictor import Predictor  # noqa: E402
+from unetpp3d.imageio.readers import read_image  # noqa: E402
+from unetpp3d.synth.phantom import write_dataset  # noqa: E402
+from unetpp3d.training.optim import make_optimizer, make_scheduler
+from unetpp3d.training.rng import seed_everything  # noqa: E402
 
 PAPER_IOU = {  # Zhou et al. 2018, Table 3 (IoU %): U-Net, UNet++ with deep supervision
     "liver": (76.62, 82.90),

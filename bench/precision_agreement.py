@@ -22,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unetpp3d.hardware import inference_autocast_dtype, keep_freed_memory  # noqa: E402
-from unetpp3d.predictor import Predictor  # noqa: E402
-from unetpp3d.readers import align_label_to_image, read_image  # noqa: E402
+from unetpp3d.inference.predictor import Predictor  # noqa: E402
+from unetpp3d.geometry import align_label_to_image
+from unetpp3d.imageio.readers import read_image  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

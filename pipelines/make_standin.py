@@ -13,7 +13,7 @@ archives)::
       labelsTr/liver_0.nii.gz ...        labelsTr/lung_001.nii.gz ...
       imagesTs/liver_N.nii.gz ...        imagesTs/lung_00N.nii.gz ...
 
-Scans are :func:`unetpp3d.synth.make_phantom` phantoms (int16 HU). Task03 labels are 0
+Scans are :func:`unetpp3d.synth.phantom.make_phantom` phantoms (int16 HU). Task03 labels are 0
 background, 1 liver, 2 tumour: one or two hypodense lesions are carved inside each phantom's
 liver and labelled 2, since the phantoms' own lesions are labelled liver. Task06 labels are 0
 background, 1 nodule ("cancer" in the MSD). Like the MSD, there are no test labels.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from unetpp3d.readers import Geometry
-from unetpp3d.synth import make_phantom
-from unetpp3d.writer import write_image, write_mask
+from unetpp3d.geometry import Geometry
+from unetpp3d.synth.phantom import make_phantom
+from unetpp3d.imageio.writer import write_image, write_mask
 
 TASKS = {
     # folder, phantom task, case name, MSD labels

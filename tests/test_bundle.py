@@ -17,13 +17,15 @@ import SimpleITK as sitk
 import torch
 from conftest import write_image
 
-from unetpp3d import bundle as bundle_module
-from unetpp3d.bundle import export_bundle, meta_schema_path, verify_metadata
-from unetpp3d.checkpoint import save_checkpoint
+from unetpp3d.bundle import configs as bundle_module
+from unetpp3d.bundle.export import export_bundle
+from unetpp3d.bundle.configs import meta_schema_path, verify_metadata
+from unetpp3d.model.checkpoint import save_checkpoint
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.network import UNetPlusPlus3D
-from unetpp3d.predictor import bundle_metadata, run_inference
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.model_loading import bundle_metadata
+from unetpp3d.commands.infer import run_inference
 
 FEATURES = (4, 8, 16)
 AGREEMENT = 0.999  # share of voxels on which the bundle and `unetpp3d infer` must agree
@@ -152,7 +154,7 @@ def test_inference_json_is_components_not_code(bundle):
     walk(config)
     assert len(expressions) <= 6, expressions  # device, two default folders, weights path, initialize, run
     assert config["run"] == ["$@evaluator.run()"]
-    assert config["network_def"]["_target_"] == "unetpp3d.network.UNetPlusPlus3D"
+    assert config["network_def"]["_target_"] == "unetpp3d.model.network.UNetPlusPlus3D"
     # the model's own infer settings
     assert config["inferer"]["overlap"] == 0.25 and config["inferer"]["sw_batch_size"] == 4
 
@@ -261,7 +263,7 @@ def test_lung_nodule_bundle_lists_its_component_filter(tmp_path):
     save_checkpoint(tmp_path / "nodule.pt", make_payload("lung_nodule"))
     out = export_bundle(tmp_path / "nodule.pt", tmp_path / "b")
     post = json.loads((out / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
-    assert post[2] == {"_target_": "unetpp3d.postprocess.RemoveSmallComponentsd", "keys": "pred", "min_ml": 0.01,
+    assert post[2] == {"_target_": "unetpp3d.inference.postprocess.RemoveSmallComponentsd", "keys": "pred", "min_ml": 0.01,
                        "labels": [1]}
 
 
@@ -298,7 +300,7 @@ def test_force_writes_into_a_non_empty_folder(run_dir, tmp_path):
 
 
 def test_cli_reports_errors_on_one_line(run_dir, tmp_path, capsys):
-    from unetpp3d.cli import main
+    from unetpp3d.commands.cli import main
 
     (tmp_path / "out" / "x").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:

@@ -13,9 +13,10 @@ import pytest
 import SimpleITK as sitk
 from test_readers import write_dicom_series
 
-from unetpp3d.check import default_fingerprint_path, run_check, validate_case
-from unetpp3d.cli import main
-from unetpp3d.manifest import Case, write_manifest
+from unetpp3d.data.validation import default_fingerprint_path, validate_case
+from unetpp3d.commands.check import run_check
+from unetpp3d.commands.cli import main
+from unetpp3d.data.manifest import Case, write_manifest
 
 LABELS = {0: "background", 1: "liver"}
 FLIP_Y = (1, 0, 0, 0, -1, 0, 0, 0, 1)

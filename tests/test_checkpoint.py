@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from unetpp3d import UserError
-from unetpp3d.checkpoint import load_checkpoint, resolve_model_path, save_checkpoint
+from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path, save_checkpoint
 
 
 def payload(value: float = 1.0, n: int = 10) -> dict:
@@ -89,7 +89,7 @@ def test_kill_during_saves_leaves_a_complete_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     script = textwrap.dedent(f"""
         import sys, torch
-        from unetpp3d.checkpoint import save_checkpoint
+        from unetpp3d.model.checkpoint import save_checkpoint
         i = 0
         while True:
             w = torch.full((1_000_000,), float(i))

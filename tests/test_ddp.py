@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unetpp3d.synth import write_dataset
+from unetpp3d.synth.phantom import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import hashlib, os, sys
     import torch
-    from unetpp3d import trainer as T
+    from unetpp3d.training import trainer as T
 
     manifest, config, run, out = sys.argv[1:5]
     seen, final = [], {}

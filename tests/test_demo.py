@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unetpp3d import demo
+from unetpp3d.commands import demo
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from unetpp3d.errors import UserError
-from unetpp3d.evaluate import case_name, run_evaluation, score_arrays
+from unetpp3d.commands.evaluate import case_name, run_evaluation
+from unetpp3d.evaluation.metrics import score_arrays
 
 
 def cubes():
@@ -117,7 +118,8 @@ def test_real_label_stored_with_y_reversed(shared_data, tmp_path):
     """The DICOM case's label is stored with y reversed: it is re-indexed, not refused."""
     from conftest import write_image
 
-    from unetpp3d.readers import align_label_to_image, read_image
+    from unetpp3d.geometry import align_label_to_image
+    from unetpp3d.imageio.readers import read_image
 
     case = shared_data / "abdomen_ct_dicom_ts"
     _, grid = read_image(case / "dicom")
@@ -133,7 +135,7 @@ def test_real_label_stored_with_y_reversed(shared_data, tmp_path):
 def test_cli_evaluate(tmp_path, make_image):
     from typer.testing import CliRunner
 
-    from unetpp3d.cli import app
+    from unetpp3d.commands.cli import app
 
     pred, ref = cubes()
     p = make_image("p/a.nii.gz", pred)
@@ -144,7 +146,7 @@ def test_cli_evaluate(tmp_path, make_image):
 
 
 def test_references_from_a_manifest(tmp_path, make_image):
-    from unetpp3d.manifest import write_manifest
+    from unetpp3d.data.manifest import write_manifest
 
     pred, ref = cubes()
     make_image("pred/a.nii.gz", pred)

@@ -45,8 +45,8 @@ from hypothesis import strategies as st
 from test_readers import write_dicom_series
 
 from unetpp3d.errors import UserError
-from unetpp3d.manifest import load_manifest, split_cases
-from unetpp3d.readers import read_image
+from unetpp3d.data.manifest import load_manifest, split_cases
+from unetpp3d.imageio.readers import read_image
 
 # A read that takes longer than this is a hang: faulthandler dumps the stacks and exits.
 HANG_S = 120
@@ -446,7 +446,7 @@ def test_metaimage_data_file_list_or_pattern_is_refused_in_a_subprocess(seeds, t
     (name, data), = seeds["mha"].items()
     path = tmp_path / name
     path.write_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile = " + value, 1))
-    code = ("import sys\nfrom unetpp3d.readers import read_image\nfrom unetpp3d.errors import UserError\n"
+    code = ("import sys\nfrom unetpp3d.imageio.readers import read_image\nfrom unetpp3d.errors import UserError\n"
             "for _ in range(20):\n    try:\n        read_image(sys.argv[1])\n    except UserError as exc:\n"
             "        message = str(exc)\nprint(message)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, encoding="utf-8",

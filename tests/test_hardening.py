@@ -31,12 +31,13 @@ import pytest
 import torch
 from conftest import ONE_THREAD, write_image
 
-from unetpp3d.checkpoint import load_checkpoint
+from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.network import UNetPlusPlus3D
-from unetpp3d.predictor import Predictor, run_inference
-from unetpp3d.readers import read_image
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.commands.infer import run_inference
+from unetpp3d.imageio.readers import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -161,7 +162,7 @@ HUGE_FILES = ["huge.nii.gz", "huge.nii", "huge.nrrd", "huge-gzip.nrrd", "huge.mh
 
 @pytest.mark.parametrize("name", HUGE_FILES)
 def test_a_2048_cubed_header_on_tiny_data_is_refused_with_an_estimate(tmp_path, monkeypatch, name):
-    import unetpp3d.readers as readers
+    import unetpp3d.imageio.formats as readers
 
     monkeypatch.setattr(readers, "_available_memory", lambda: 8 * GiB)  # the same answer on every machine
     path = huge_header(tmp_path / name)
@@ -181,14 +182,14 @@ def test_a_2048_cubed_header_on_tiny_data_is_refused_with_an_estimate(tmp_path, 
 
 def test_huge_headers_through_unetpp3d_check_use_the_real_free_memory(tmp_path):
     """No monkeypatching: 2048^3 doubles need 128 GiB (twice 64 GiB); either refused for memory or as truncated."""
-    import unetpp3d.readers as readers
+    import unetpp3d.imageio.formats as readers
 
     paths = [huge_header(tmp_path / n.replace("huge", f"huge64_{i}"), dtype="float64")
              for i, n in enumerate(HUGE_FILES)]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "training": [],
                                     "test": [str(p) for p in paths]}))
-    from unetpp3d.check import run_check
+    from unetpp3d.commands.check import run_check
 
     assert run_check(manifest) == 1
     enough = (readers._available_memory() or 0) >= 128 * GiB
@@ -238,8 +239,8 @@ def test_sigkill_during_infer_leaves_only_complete_masks_and_a_rerun_finishes(mo
     assert {name: (out / name).stat().st_mtime_ns for name in done} == stamps  # finished cases left alone
     # A leftover temporary is never taken for a mask by the commands that read mask folders.
     (out / ".case00.nii.gz.abc123.part.nii.gz").write_bytes(b"half a file")
-    from unetpp3d.evaluate import collect_masks
-    from unetpp3d.predictor import expand_inputs
+    from unetpp3d.commands.evaluate import collect_masks
+    from unetpp3d.commands.infer import expand_inputs
 
     assert sorted(collect_masks(out, "prediction")) == sorted(n[:-7] for n in reference_masks)
     assert [c.name for c in expand_inputs([out])] == [n[:-7] for n in sorted(reference_masks)]
@@ -267,8 +268,8 @@ def test_two_infer_processes_writing_into_one_folder_do_not_corrupt_each_other(m
 
 @pytest.mark.slow
 def test_sigint_during_train_saves_last_pt_and_the_run_resumes(tmp_path):
-    from unetpp3d.synth import write_dataset
-    from unetpp3d.trainer import run_training
+    from unetpp3d.synth.phantom import write_dataset
+    from unetpp3d.commands.train import run_training
 
     phantoms = write_dataset("liver", 3, tmp_path / "phantoms", seed=0, size=32)
     run = tmp_path / "run"
@@ -322,8 +323,8 @@ def scan(tmp_path) -> Path:
 
 
 def cli_error(args: list[str], capsys) -> str:
-    """Run ``unetpp3d.cli.main`` in-process; it must exit with status 2 and one line on stderr."""
-    from unetpp3d.cli import main
+    """Run ``unetpp3d.commands.cli.main`` in-process; it must exit with status 2 and one line on stderr."""
+    from unetpp3d.commands.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -357,7 +358,7 @@ def foreign_bundle(folder: Path, marker: Path) -> Path:
     args = {k: v for k, v in payload["model_args"].items() if k != "features"}
     inference = {
         "side_effect": marker_expression(marker),
-        "network_def": {"_target_": "unetpp3d.network.UNetPlusPlus3D", **args,
+        "network_def": {"_target_": "unetpp3d.model.network.UNetPlusPlus3D", **args,
                         "features": "$@side_effect or [4, 8, 16]"},
         "preprocessing": payload["preprocessing"],
     }
@@ -381,7 +382,7 @@ def test_a_foreign_bundle_is_refused_without_trust_bundle_and_its_code_does_not_
 @pytest.fixture(scope="module")
 def exported_bundle(tmp_path_factory) -> Path:
     """A bundle written by `unetpp3d export-bundle` from a tiny checkpoint."""
-    from unetpp3d.bundle import export_bundle
+    from unetpp3d.bundle.export import export_bundle
 
     folder = tmp_path_factory.mktemp("export")
     torch.save(tiny_payload(), folder / "best.pt")
@@ -445,7 +446,7 @@ def test_untrusted_models_through_the_installed_command(tmp_path, scan):
 
 @pytest.mark.slow
 def test_unicode_and_spaces_in_paths_through_every_command(tmp_path):
-    from unetpp3d.manifest import load_manifest, write_manifest
+    from unetpp3d.data.manifest import load_manifest, write_manifest
 
     root = tmp_path / "tmp" / "Ünïcode dir"
     synth = root / "synth ø"
@@ -507,7 +508,7 @@ def test_unicode_and_spaces_in_paths_through_every_command(tmp_path):
 def test_every_format_reads_and_writes_under_unicode_paths_with_spaces(tmp_path, suffix):
     from test_readers import write_dicom_series
 
-    from unetpp3d.writer import write_mask
+    from unetpp3d.imageio.writer import write_mask
 
     folder = tmp_path / "tmp" / "Ünïcode dir" / "Ωmega ç"
     volume = sphere(shape=(8, 8, 4))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unetpp3d import hardware
-from unetpp3d.predictor import ProbabilityNet
+from unetpp3d.inference.windows import ProbabilityNet
 
 
 class AutocastProbe(nn.Module):
@@ -30,7 +30,7 @@ class AutocastProbe(nn.Module):
 def test_cpu_inference_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
     assert hardware.inference_autocast_dtype(torch.device("cpu")) is (torch.bfloat16 if native else None)
-    monkeypatch.setattr("unetpp3d.predictor.inference_autocast_dtype", hardware.inference_autocast_dtype)
+    monkeypatch.setattr("unetpp3d.inference.predictor.inference_autocast_dtype", hardware.inference_autocast_dtype)
     probe = AutocastProbe().eval()
     x = torch.randn(1, 1, 4, 4, 4)
     probs = ProbabilityNet(probe, amp=True)(x)
@@ -41,8 +41,8 @@ def test_cpu_inference_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native):
 
 
 def test_bf16_probabilities_stay_close_to_fp32(monkeypatch):
-    monkeypatch.setattr("unetpp3d.predictor.inference_autocast_dtype", lambda device: torch.bfloat16)
-    from unetpp3d.network import UNetPlusPlus3D
+    monkeypatch.setattr("unetpp3d.inference.predictor.inference_autocast_dtype", lambda device: torch.bfloat16)
+    from unetpp3d.model.network import UNetPlusPlus3D
 
     torch.manual_seed(0)
     net = UNetPlusPlus3D(1, 2, (4, 8, 16)).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unetpp3d.loss import DeepSupervisionLoss, normalise_head_weights
+from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
 
 SMOOTH = 1e-5  # MONAI's smooth_nr and smooth_dr defaults
 

@@ -24,12 +24,13 @@ from conftest import write_image
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from unetpp3d.cli import main as cli_main
+from unetpp3d.commands.cli import main as cli_main
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.network import UNetPlusPlus3D
-from unetpp3d.postprocess import largest_component_filled, postprocess_transforms
-from unetpp3d.predictor import EnsembleNet, Predictor, ProbabilityNet
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.postprocess import largest_component_filled, postprocess_transforms
+from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
+from unetpp3d.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"

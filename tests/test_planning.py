@@ -9,16 +9,9 @@ import pytest
 
 from unetpp3d.config import Preprocessing, config_from_dict, load_config
 from unetpp3d.errors import UserError
-from unetpp3d.manifest import Case
-from unetpp3d.planning import (
-    combine_fingerprints,
-    compute_strides,
-    estimate_memory_gb,
-    fingerprint,
-    label_histogram,
-    plan,
-    target_spacing,
-)
+from unetpp3d.data.manifest import Case
+from unetpp3d.data.fingerprint import combine_fingerprints, fingerprint, label_histogram
+from unetpp3d.data.planning import compute_strides, estimate_memory_gb, plan, target_spacing
 
 PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)  # index x -> physical y, y -> z, z -> x
 

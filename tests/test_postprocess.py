@@ -12,14 +12,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, FillHoles
 
-from unetpp3d.postprocess import (
-    index_to_lps,
-    largest_component_filled,
-    nodule_components,
-    postprocess_transforms,
-    remove_small_components,
-    write_nodule_report,
-)
+from unetpp3d.inference.nodules import index_to_lps, nodule_components, write_nodule_report
+from unetpp3d.inference.postprocess import largest_component_filled, postprocess_transforms, remove_small_components
 
 
 def grid(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
@@ -69,7 +63,7 @@ def test_agrees_with_monai_transforms_used_by_the_bundle():
         bundle = np.asarray(chain({"pred": MetaTensor(torch.as_tensor(mask)[None])})["pred"][0])
         np.testing.assert_array_equal(largest_component_filled(mask, [1]), bundle.astype(np.uint8))
         # and the hole filling alone matches MONAI's FillHoles with the same connectivity
-        from unetpp3d.postprocess import fill_holes
+        from unetpp3d.inference.postprocess import fill_holes
         monai_filled = np.asarray(FillHoles(applied_labels=[1], connectivity=1)(torch.as_tensor(mask)[None])[0])
         np.testing.assert_array_equal(fill_holes(mask, [1]), monai_filled.astype(np.uint8))
 

@@ -22,8 +22,11 @@ from torch import nn
 
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.network import UNetPlusPlus3D
-from unetpp3d.predictor import Predictor, ProbabilityNet, expand_inputs, find_default_model, run_inference
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.inference.windows import ProbabilityNet
+from unetpp3d.commands.infer import expand_inputs, run_inference
+from unetpp3d.inference.model_loading import find_default_model
 
 FEATURES = (4, 8, 16)
 HU_MEAN = 50.0
@@ -130,7 +133,7 @@ def test_infer_writes_mask_on_real_nifti_grid(shared_data, ckpt, tmp_path):
 
 
 def test_infer_on_nrrd_and_dicom_keeps_their_grids(shared_data, ckpt, tmp_path):
-    from unetpp3d.readers import read_image
+    from unetpp3d.imageio.readers import read_image
 
     nrrd = shared_data / "abdomen_ct_3slice_dcmqi" / "liver.nrrd"
     dicom = shared_data / "abdomen_ct_dicom_ts" / "dicom"
@@ -231,7 +234,7 @@ def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys)
 
 
 def test_inputs_folders_and_manifests(tmp_path, small_scan):
-    from unetpp3d.manifest import write_manifest
+    from unetpp3d.data.manifest import write_manifest
 
     folder = tmp_path / "scans"
     write_image(folder / "a.nii.gz", np.zeros((4, 4, 4), np.int16))
@@ -323,7 +326,7 @@ def write_bundle(folder, payload, ours: bool, inference: dict | None = None):
     (folder / "models").mkdir()
     meta = {"version": "0.1.0", "name": "test"}
     if ours:
-        from unetpp3d.predictor import bundle_metadata
+        from unetpp3d.inference.model_loading import bundle_metadata
 
         meta["unetpp3d"] = bundle_metadata(payload)
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
@@ -340,7 +343,7 @@ def test_bundle_sources(ckpt, tmp_path, small_scan):
     np.testing.assert_array_equal(from_bundle.predict(small_scan).mask_xyz, from_ckpt.predict(small_scan).mask_xyz)
 
     # a foreign bundle is refused unless trusted; trusted, its network_def is built by ConfigParser
-    inference = {"network_def": {"_target_": "unetpp3d.network.UNetPlusPlus3D", **payload["model_args"]},
+    inference = {"network_def": {"_target_": "unetpp3d.model.network.UNetPlusPlus3D", **payload["model_args"]},
                  "preprocessing": payload["preprocessing"]}
     write_bundle(tmp_path / "foreign", payload, ours=False, inference=inference)
     with pytest.raises(UserError, match="--trust-bundle"):
@@ -352,7 +355,7 @@ def test_bundle_sources(ckpt, tmp_path, small_scan):
 def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_path):
     from typer.testing import CliRunner
 
-    from unetpp3d.cli import app
+    from unetpp3d.commands.cli import app
 
     args = ["infer", str(small_scan), str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
             "--model", str(ckpt), "--device", "cpu", "--mode", "fast", "--prune-level", "1"]
@@ -367,8 +370,8 @@ def test_monai_components_alone_reproduce_the_mask(tmp_path, small_scan, task):
     """What a bundle's inference.json lists (MONAI pieces only) gives the predictor's voxels."""
     from monai.transforms import AsDiscreted, Compose, Invertd
 
-    from unetpp3d.readers import SitkReader
-    from unetpp3d.transforms import inference_transforms
+    from unetpp3d.imageio.readers import SitkReader
+    from unetpp3d.data.transforms import inference_transforms
 
     model = save_checkpoint(tmp_path / "best.pt", task=task)
     predictor = Predictor.from_source(model, device="cpu", mode="fast", progress=False)

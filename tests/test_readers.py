@@ -11,14 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from unetpp3d.errors import UserError
-from unetpp3d.readers import (
-    Geometry,
-    SitkReader,
-    align_label_to_image,
-    axis_mapping,
-    check_pair,
-    read_image,
-)
+from unetpp3d.geometry import Geometry, align_label_to_image, axis_mapping, check_pair
+from unetpp3d.imageio.readers import SitkReader, read_image
 
 FLIP_XY = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
 # Index x runs along physical y, index y along physical z, index z along physical x.

@@ -27,10 +27,10 @@ import torch
 from conftest import write_image
 
 from unetpp3d.config import DataConfig, Preprocessing
-from unetpp3d.manifest import load_manifest
-from unetpp3d.network import UNetPlusPlus3D
-from unetpp3d.predictor import Predictor
-from unetpp3d.transforms import pad_value, train_transforms
+from unetpp3d.data.manifest import load_manifest
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.data.transforms import pad_value, train_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pipelines" / "real_ct_check.py"
@@ -192,7 +192,7 @@ def test_windows_pad_thin_scans_with_the_value_training_pads_with(tmp_path):
     # Inference and the exported bundle pad with the same value.
     predictor = Predictor(UNetPlusPlus3D(features=(4, 8), strides=[2]), prep, device="cpu", progress=False)
     assert predictor.inferer().cval == pytest.approx(air)
-    from unetpp3d.bundle import inference_config
+    from unetpp3d.bundle.configs import inference_config
 
     assert inference_config(predictor)["inferer"]["cval"] == pytest.approx(air)
 

@@ -11,9 +11,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from unetpp3d import UserError
-from unetpp3d.manifest import load_manifest
-from unetpp3d.readers import read_image
-from unetpp3d.synth import FOV_MM, NODULE_DIAMETER_MM, make_phantom, sample_anatomy, sample_geometry, write_dataset
+from unetpp3d.data.manifest import load_manifest
+from unetpp3d.imageio.readers import read_image
+from unetpp3d.synth.anatomy import FOV_MM, NODULE_DIAMETER_MM, sample_anatomy
+from unetpp3d.synth.phantom import make_phantom, sample_geometry, write_dataset
 
 
 def _sitk(array_xyz, spacing, origin, direction) -> sitk.Image:
@@ -200,7 +201,7 @@ def test_bad_arguments_are_user_errors(tmp_path):
 def test_cli_synth_prints_the_manifest_path(tmp_path):
     from typer.testing import CliRunner
 
-    from unetpp3d.cli import app
+    from unetpp3d.commands.cli import app
 
     result = CliRunner().invoke(app, ["synth", "--task", "lung_nodule", "--cases", "1", "--size", "20",
                                       "--out", str(tmp_path / "s"), "--random-geometry"])

@@ -22,12 +22,13 @@ from monai.data import Dataset
 from monai.transforms import Compose, RandSpatialCropSamplesd
 
 from unetpp3d import UserError, load_model
-from unetpp3d.checkpoint import PAYLOAD_KEYS, load_checkpoint
+from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
 from unetpp3d.config import TrainConfig, load_config
-from unetpp3d.loader import EpochSampler, TrainLoader
-from unetpp3d.manifest import Case, load_manifest, write_manifest
-from unetpp3d.synth import write_dataset
-from unetpp3d.trainer import amp_dtype, lr_factor, run_training
+from unetpp3d.data.loader import EpochSampler, TrainLoader
+from unetpp3d.data.manifest import Case, load_manifest, write_manifest
+from unetpp3d.synth.phantom import write_dataset
+from unetpp3d.training.optim import amp_dtype, lr_factor
+from unetpp3d.commands.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -251,7 +252,7 @@ def test_force_overwrites_only_run_files_and_fold_picks_the_split(phantoms, tmp_
 
 
 def test_default_config_is_the_tasks(phantoms, tmp_path, monkeypatch):
-    import unetpp3d.trainer as trainer
+    import unetpp3d.commands.train as trainer
 
     (tmp_path / "liver.yaml").write_text("train:\n  lr: -1.0\n")
     monkeypatch.setattr(trainer, "REPO_CONFIGS", tmp_path)
@@ -267,7 +268,7 @@ def test_a_config_for_another_task_is_refused(phantoms, tmp_path):
 
 
 def test_cli_prints_user_errors_on_one_line(phantoms, tmp_path, capsys):
-    from unetpp3d.cli import main
+    from unetpp3d.commands.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "--manifest", str(phantoms), "--config", str(SMOKE), "--out", str(tmp_path / "r"),
@@ -336,8 +337,8 @@ def test_an_epoch_draws_the_same_patches_however_the_run_got_there(workers):
 
 def test_train_checkpointing_setting_reaches_the_network(phantoms, tmp_path, monkeypatch):
     """`train.checkpointing=true` trains with activation checkpointing (recomputed in backward)."""
-    import unetpp3d.trainer as trainer_module
-    from unetpp3d.network import UNetPlusPlus3D
+    import unetpp3d.commands.train as trainer_module
+    from unetpp3d.model.network import UNetPlusPlus3D
 
     seen: list[bool] = []
 

@@ -8,8 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from unetpp3d.errors import UserError
-from unetpp3d.readers import Geometry, read_image
-from unetpp3d.writer import write_image, write_mask
+from unetpp3d.geometry import Geometry
+from unetpp3d.imageio.readers import read_image
+from unetpp3d.imageio.writer import write_image, write_mask
 
 OBLIQUE = tuple(sitk.VersorRigid3DTransform((0.1, 0.2, 0.3, 0.927)).GetMatrix())
 PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)

@@ -4,7 +4,7 @@ Research software: no clinical model ships with it, and it is not a medical devi
 """
 
 from unetpp3d.errors import UserError
-from unetpp3d.network import UNetPlusPlus3D, load_model
+from unetpp3d.model.network import UNetPlusPlus3D, load_model
 
 __version__ = "0.1.0"
 __all__ = ["UNetPlusPlus3D", "UserError", "load_model", "__version__"]

@@ -1,7 +1,7 @@
 """Configuration: plain dataclasses loaded from YAML and validated once, here, at the edge.
 
 A config has four sections (``model``, ``data``, ``train``, ``infer``) plus ``task``. Values
-spelled ``auto`` are filled in from the dataset fingerprint by :mod:`unetpp3d.planning` before
+spelled ``auto`` are filled in from the dataset fingerprint by :mod:`unetpp3d.data.planning` before
 training starts; the resolved config is saved with the run, so a model always knows its own
 preprocessing. Spatial lists (spacing, patch size, strides) are in (x, y, z) order of the RAS
 array that the transforms produce.
@@ -271,7 +271,7 @@ def _deep_copy(data: Any) -> Any:
 class Preprocessing:
     """Everything inference needs to reproduce training's input pipeline.
 
-    Resolved from the config and the dataset fingerprint by :mod:`unetpp3d.planning`, saved in
+    Resolved from the config and the dataset fingerprint by :mod:`unetpp3d.data.planning`, saved in
     every checkpoint and bundle, and read back by the predictor. All spatial lists are in the
     (x, y, z) order of the RAS-oriented array.
     """

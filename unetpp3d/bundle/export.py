@@ -1,0 +1,253 @@
+"""Export a trained model as a MONAI Bundle (``unetpp3d export-bundle``).
+
+The bundle follows the layout the MONAI Bundle specification documents
+(https://docs.monai.io/en/latest/mb_specification.html)::
+
+    BUNDLE/
+      configs/metadata.json    versions, task, intended use, network_data_format, and the
+                               ``unetpp3d`` section (model_args, preprocessing, config) that
+                               ``unetpp3d infer --model BUNDLE`` reads as plain data
+      configs/inference.json   the same pipeline as ``unetpp3d infer``, for ``python -m monai.bundle run``
+      configs/logging.conf     console logging for MONAI's runner
+      models/model.pt          the state dict
+      models/model.ts          TorchScript (traced in eval mode), with metadata.json and inference.json inside
+      docs/README.md           what it segments, how it was trained, its validation figures, how to run it
+      LICENSE                  a short licence notice
+
+``inference.json`` is generated here, at export time, from the checkpoint's
+:class:`~unetpp3d.config.Preprocessing`: each step is a ``{"_target_": ..., **arguments}`` spec
+naming a MONAI class or a unetpp3d one (the reader, the body mask, the post-processing, the
+writer), so the file reads as a list of components rather than a program. Before anything is
+written, the specs are instantiated with MONAI's ``ConfigParser`` and compared, attribute by
+attribute, with the objects the :class:`~unetpp3d.inference.predictor.Predictor` builds from
+:mod:`unetpp3d.data.transforms` and :mod:`unetpp3d.inference.postprocess`; a difference stops the export (a bug
+in this module, not a user error), so the bundle cannot drift from ``unetpp3d infer``.
+
+Run it with MONAI alone::
+
+    python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\
+        --dataset_dir SCANS --output_dir MASKS
+
+which writes ``MASKS/<case>.nii.gz`` on each scan's own grid, as ``unetpp3d infer SCANS --out MASKS``
+does (TTA: ``--window_network#tta True``; fast mode: ``--window_network#prune_level 2``; fp32
+where ``infer`` would use bf16: ``--window_network#amp False``, as ``--no-amp``).
+The ``$`` expressions are kept to what MONAI's runner needs: the device, the default folders,
+the weights path, ``"initialize"`` (seeding) and ``"run": ["$@evaluator.run()"]``. The workflow is
+:class:`BundleEvaluator`, a small loop with ``SupervisedEvaluator``'s argument names, because
+MONAI's own evaluator needs pytorch-ignite, which unetpp3d does not depend on.
+
+Metadata schema: ``metadata.json`` names MONAI's official schema URL in its ``schema`` field.
+:func:`verify_metadata` checks it offline against ``unetpp3d/resources/meta_schema.json``, a
+schema **written for unetpp3d from the metadata fields MONAI documents; it is our schema, not
+MONAI's official schema file**, so passing it does not prove conformance to MONAI's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unetpp3d.bundle.components import PRED_KEY
+from unetpp3d.bundle.configs import inference_config, metadata_config
+from unetpp3d.bundle.readme import LICENSE_TEXT, LOGGING_CONF, _readme
+from unetpp3d.config import Preprocessing
+from unetpp3d.errors import UserError
+
+log = logging.getLogger("unetpp3d")
+
+
+# Attributes that say where or how visibly a transform runs, not what it computes.
+_RUNTIME_ATTRS = {"sw_device", "device", "progress"}
+
+
+def _state(obj: Any, depth: int = 0) -> Any:
+    """A comparable picture of what an object computes: plain values, recursing into ``__dict__``."""
+    if depth > 12:
+        return type(obj).__qualname__
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (torch.dtype, np.dtype)):
+        return str(obj).replace("torch.", "")
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
+        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
+    if isinstance(obj, (list, tuple)):
+        return [_state(v, depth + 1) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): _state(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, type) or not hasattr(obj, "__dict__"):
+        return getattr(obj, "__qualname__", repr(obj))
+    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            **{k: _state(v, depth + 1) for k, v in vars(obj).items() if k not in _RUNTIME_ATTRS}}
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{where}.{k}: only in {'the bundle' if k in a else 'the predictor'}"
+            found = _first_difference(a[k], b[k], f"{where}.{k}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items in the bundle, {len(b)} in the predictor"
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        same = numbers and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)))
+    else:
+        same = a == b
+    return None if same else f"{where}: {a!r} in the bundle, {b!r} in the predictor"
+
+
+def _check_matches_predictor(config: dict[str, Any], predictor: Any) -> None:
+    """Instantiate the generated pipeline and compare it with the predictor's own objects."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({**config, "bundle_root": "."})
+    preprocessing = parser.get_parsed_content("preprocessing").transforms
+    post = parser.get_parsed_content("postprocessing").transforms[2:-1]  # between argmax and the writer
+    pairs = [("preprocessing", preprocessing, predictor.transforms.transforms),
+             ("postprocessing", post, predictor.postprocess_transforms(PRED_KEY)),
+             ("inferer", parser.get_parsed_content("inferer"), predictor.inferer("cpu"))]
+    for name, ours, theirs in pairs:
+        found = _first_difference(_state(ours), _state(theirs), name)
+        if found:
+            raise RuntimeError(f"the generated inference.json no longer matches what `unetpp3d infer` runs ({found}); "
+                               "update unetpp3d/bundle.py to follow unetpp3d/transforms.py and postprocess.py")
+
+
+def _check_plain_strings(obj: Any, where: str) -> None:
+    """MONAI's ConfigParser reads strings starting with $, @ or % as code, references or macros."""
+    if isinstance(obj, str):
+        if obj[:1] in ("$", "@", "%"):
+            raise UserError(f"{where}: {obj!r} starts with {obj[0]!r}, which MONAI bundle configs read as code or a "
+                            "reference; rename it in the model's config before exporting")
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _check_plain_strings(str(k), where)
+            _check_plain_strings(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain_strings(v, f"{where}[{i}]")
+
+
+def _torchscript(network: nn.Module, roi_size: Sequence[int], meta: dict[str, Any], inference: dict[str, Any],
+                 path: Path) -> None:
+    """Trace the network in eval mode on one window; store metadata.json and inference.json inside."""
+    import warnings
+
+    from monai.data import save_net_with_metadata
+
+    network = network.eval()
+    example = torch.zeros(1, int(network.model_args["in_channels"]), *(int(v) for v in roi_size))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on Python-side shape checks, which hold for any window
+        traced = torch.jit.trace(network, example, check_trace=False)
+    save_net_with_metadata(traced, str(path.with_suffix("")), include_config_vals=False, append_timestamp=False,
+                           meta_values=meta, more_extra_files={"inference.json": json.dumps(inference).encode()})
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: folder is not empty; pass --force to write the bundle into it, "
+                        "or pick a new folder")
+
+
+def _load_payload(model: Path) -> tuple[dict[str, Any], Path]:
+    from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
+
+    ckpt = resolve_model_path(model)
+    payload = load_checkpoint(ckpt)
+    if "preprocessing" not in payload:
+        raise UserError(f"{ckpt}: has no preprocessing, so the bundle's input pipeline is unknown; export a "
+                        "checkpoint written by `unetpp3d train` (best.pt or last.pt)")
+    return payload, ckpt
+
+
+def _predictor(payload: dict[str, Any], ckpt: Path) -> Any:
+    from unetpp3d.inference.predictor import Predictor
+    from unetpp3d.model.network import UNetPlusPlus3D
+
+    try:
+        net = UNetPlusPlus3D.from_checkpoint(payload)
+        prep = Preprocessing.from_dict(payload["preprocessing"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"{ckpt}: model arguments, weights or preprocessing do not fit ({exc})") from None
+    infer = (payload.get("config") or {}).get("infer") or {}
+    return Predictor(net, prep, device="cpu", amp=False, progress=False, source=str(ckpt),
+                     overlap=float(infer.get("overlap", 0.5)), sw_batch_size=int(infer.get("sw_batch_size", 2)),
+                     min_component_ml=float(infer.get("min_component_ml", 0.0)))
+
+
+def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write a trained model as a MONAI Bundle folder (``unetpp3d export-bundle``).
+
+    The bundle is built in a temporary folder beside ``out`` and moved into place once
+    complete. With ``force``, its files replace those of the same name in ``out``; other files
+    there are left alone.
+
+    Args:
+        model: a checkpoint written by ``unetpp3d train`` or a run folder (its ``best.pt``, else ``last.pt``).
+        out: the bundle folder; must be absent or empty unless ``force``.
+        force: write into a non-empty folder.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        UserError: the model cannot be loaded or lacks its preprocessing, or ``out`` is a file
+            or a non-empty folder without ``force``.
+    """
+    out = Path(out)
+    _check_target(out, force)
+    payload, ckpt = _load_payload(Path(model))
+    predictor = _predictor(payload, ckpt)
+    inference = inference_config(predictor)
+    meta = metadata_config(payload, predictor, ckpt)
+    # Everything inference.json takes from the checkpoint is in the metadata too.
+    _check_plain_strings({k: v for k, v in meta.items() if k != "schema"}, "metadata.json")
+    _check_matches_predictor(inference, predictor)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"  # mkdir, unlike mkdtemp, honours the umask
+    stage.mkdir()
+    try:
+        for sub in ("configs", "models", "docs"):
+            (stage / sub).mkdir()
+        (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (stage / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
+        (stage / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
+        torch.save(predictor.network.state_dict(), stage / "models" / "model.pt")
+        _torchscript(predictor.network, predictor.roi_size, meta, inference, stage / "models" / "model.ts")
+        (stage / "docs" / "README.md").write_text(_readme(payload, predictor, meta, ckpt), encoding="utf-8")
+        (stage / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
+        if not out.exists():
+            os.replace(stage, out)
+        else:
+            for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+                target = out / path.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("bundle written to %s", out)
+    return out

@@ -1,0 +1,169 @@
+"""The human-readable files of a bundle: docs/README.md, the licence notice and logging.conf."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS, _version
+
+
+def _validation_rows(source: Path) -> list[dict[str, str]]:
+    """Rows of the run's metrics.csv (beside the checkpoint) that have a validation score."""
+    path = source.parent / "metrics.csv"
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return [r for r in csv.DictReader(fh) if r.get("val_dice")]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], source: Path) -> str:
+    prep = predictor.prep
+    cfg = payload.get("config") or {}
+    train, data = cfg.get("train") or {}, cfg.get("data") or {}
+    args = predictor.network.model_args
+    targets = meta["task"].replace(" segmentation in CT", "")
+    best = payload.get("best_metric")
+    has_best = isinstance(best, (int, float)) and best >= 0
+    split = payload.get("split") or {}
+    lines = [
+        f"# {meta['name']}",
+        "",
+        f"A 3D UNet++ that segments **{targets}** in CT scans, exported from `{source.parent.name}/{source.name}` "
+        "by unetpp3d "
+        f"{_version('unetpp3d')}.",
+        "",
+        "> **Research use only.** " + INTENDED_USE[len("Research only. "):],
+        "",
+        "## What it segments",
+        "",
+        "| label | class |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in prep.labels.items()],
+        "",
+        "Post-processing: " + ("largest connected component of the foreground (all labels together, each voxel "
+                               "keeping its label), enclosed background filled as the first label."
+                               if prep.task == "liver" and prep.num_classes > 2 else
+                               "largest connected component of each label, enclosed holes filled."
+                               if prep.task == "liver" else
+                               f"components smaller than {predictor.min_component_ml:g} mL removed."),
+        "",
+        "## How it was trained",
+        "",
+        f"- network: UNet++ with features {args['features']}, strides {args['strides']}, {args['norm']} norm, "
+        f"{args['act']}, deep supervision {'on' if args['deep_supervision'] else 'off'}",
+        f"- input: reoriented to {prep.orientation}, resampled to {prep.target_spacing} mm, "
+        + ("cropped to the body, " if prep.crop_foreground else "")
+        + f"clipped to {prep.intensity_range} HU, z-scored with mean/std {prep.intensity_stats}",
+        f"- patches of {prep.patch_size} voxels"
+        + (f", batch size {data['batch_size']}" if data.get("batch_size", "auto") != "auto" else ""),
+    ]
+    if train:
+        lines.append(f"- {train.get('epochs')} epochs of {train.get('iterations_per_epoch')} iterations, "
+                     f"{train.get('optimizer')} lr {train.get('lr')} ({train.get('schedule')} schedule), "
+                     f"loss {train.get('loss')}, seed {train.get('seed')}")
+    lines.append(f"- this checkpoint: epoch {payload.get('epoch', 'unknown')}")
+    if split:
+        lines.append(f"- cases: {len(split.get('training') or [])} training, "
+                     f"{len(split.get('validation') or [])} validation")
+    lines += ["", "## Validation", ""]
+    if has_best:
+        lines.append(f"Best mean validation Dice: **{best:.4f}** (the run's validation cases, whole volumes, "
+                     "before post-processing).")
+    else:
+        lines.append("No validation score was recorded for this checkpoint.")
+    rows = _validation_rows(source)
+    if rows:
+        best_row = max(rows, key=lambda r: float(r["val_dice"]) if r["val_dice"] else -1.0)
+        cols = [c for c in best_row if c.startswith("dice_") or c in ("epoch", "val_dice")]
+        lines += ["", "Best validated epoch in `metrics.csv`:", "",
+                  "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols),
+                  "| " + " | ".join(best_row[c] for c in cols) + " |"]
+    lines += [
+        "",
+        "Figures from one run's own validation split; they say nothing about other scanners, protocols or "
+        "populations.",
+        "",
+        "## Limitations",
+        "",
+        LIMITATIONS,
+        "",
+        "## How to run it",
+        "",
+        "With MONAI alone (unetpp3d must be installed, since the configs name its network and transforms):",
+        "",
+        "```bash",
+        "python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\",
+        "    --dataset_dir SCANS --output_dir MASKS",
+        "```",
+        "",
+        "`SCANS` holds NIfTI/NRRD/MHA files or DICOM series folders; each mask is written as "
+        "`MASKS/<case>.nii.gz` on its scan's own grid. Test-time augmentation: add `--window_network#tta True`; "
+        "the faster pruned network: `--window_network#prune_level 2`. Like `unetpp3d infer`, windows run in bf16 on GPUs "
+        "and on CPUs that compute bf16 natively; `--window_network#amp False` keeps fp32. A DICOM folder holding several series: "
+        "`--preprocessing#transforms#0#reader#series_uid UID`.",
+        "",
+        "With unetpp3d (also writes nodule reports and previews):",
+        "",
+        "```bash",
+        "unetpp3d infer SCANS --out MASKS --model BUNDLE",
+        "```",
+        "",
+        "`models/model.ts` is the network alone, traced with TorchScript in eval mode: input "
+        f"`(B, {args['in_channels']}, x, y, z)` preprocessed as above, each size a multiple of "
+        f"{list(predictor.network.size_divisor)}; output the mean of the heads' logits "
+        f"`(B, {args['out_channels']}, x, y, z)`.",
+        "",
+        "## Licence",
+        "",
+        "See `LICENSE`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# configs/logging.conf, which MONAI's runner applies: the cases written are logged to the console.
+LOGGING_CONF = """\
+[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+LICENSE_TEXT = """\
+Licence notice
+
+The weights in models/ and the configuration in configs/ are made available under the Apache
+License, Version 2.0, unless the model's author states otherwise. You may obtain a copy of the
+licence at https://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, this bundle is distributed on an
+"AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+
+The code it runs (unetpp3d, MONAI, PyTorch) is under those projects' own licences. The data the
+model was trained on may carry its own terms, which can restrict how the model may be used.
+
+This model is for research only. It is not a medical device.
+"""

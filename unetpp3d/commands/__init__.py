@@ -1,0 +1,1 @@
+"""The command-line commands; each orchestrates the stages and owns nothing else."""

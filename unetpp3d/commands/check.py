@@ -1,0 +1,118 @@
+"""Validate a whole dataset before training: every problem of every case, at once.
+
+``unetpp3d check --manifest dataset.json`` reads each case the way training will
+(:func:`unetpp3d.imageio.readers.read_image`), collects what is wrong instead of stopping at the first
+error, prints one line per problem, a short summary of the data, and writes the dataset
+fingerprint that :func:`unetpp3d.data.planning.plan` turns into a configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from unetpp3d.atomic import atomic_write_text
+from unetpp3d.data.fingerprint import combine_fingerprints
+from unetpp3d.data.manifest import Case, load_manifest
+from unetpp3d.data.validation import _CaseResult, _inspect, default_fingerprint_path
+from unetpp3d.errors import UserError
+
+
+def _range(values: list[float], fmt: str = "{:.4g}") -> str:
+    lo, hi, med = min(values), max(values), float(np.median(values))
+    if lo == hi:
+        return fmt.format(lo)
+    return f"{fmt.format(lo)} to {fmt.format(hi)} (median {fmt.format(med)})"
+
+
+def _summary(n_cases: dict[str, int], entries: list[dict[str, Any]], labels: dict[int, str], n_errors: int,
+             n_warnings: int, n_bad_cases: int) -> str:
+    total = sum(n_cases.values())
+    rows = [("cases", f"{total} ({n_cases['training']} training, {n_cases['validation']} validation, "
+                      f"{n_cases['test']} test); {total - n_bad_cases} without errors")]
+    if entries:
+        for title, key, fmt in (("spacing (mm)", "spacing", "{:.4g}"), ("size (voxels)", "size", "{:.0f}")):
+            rows.append((title, "   ".join(f"{axis} {_range([e[key][a] for e in entries], fmt)}"
+                                            for a, axis in enumerate("xyz"))))
+        orient = Counter(e["axcodes"] for e in entries)
+        rows.append(("orientation", ", ".join(f"{code} x{n}" for code, n in orient.most_common())))
+        lo = min(e["intensity_min"] for e in entries)
+        hi = max(e["intensity_max"] for e in entries)
+        rows.append(("intensities", f"{lo:.6g} to {hi:.6g}"))
+        for k, name in labels.items():
+            if k == 0:
+                continue
+            vols = [e["label_volumes_ml"][str(k)] for e in entries if "label_volumes_ml" in e]
+            if vols:
+                empty = sum(v == 0 for v in vols)
+                rows.append((f"{name} (mL)", _range(vols, "{:.1f}") + (f"; absent in {empty} case(s)" if empty else "")))
+    rows.append(("problems", f"{n_errors} error(s), {n_warnings} warning(s)"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {title:<{width}}  {text}" for title, text in rows)
+
+
+def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerprint_path: str | Path | None = None,
+              seed: int = 0) -> int:
+    """Check every case of a manifest, print the problems and a summary, write the fingerprint.
+
+    Spacing and size in the summary and the fingerprint are in the RAS (x, y, z) order that
+    training uses. The fingerprint (see :func:`unetpp3d.data.fingerprint.combine_fingerprints`) comes
+    from the training and validation cases (all cases when none is labelled) and is written
+    only when no case has an error, so a stale dataset never plans a model.
+
+    Args:
+        manifest_path: the dataset manifest.
+        series_uid: SeriesInstanceUID for DICOM folders holding several series.
+        fingerprint_path: where to write the fingerprint JSON; default
+            ``<manifest stem>.fingerprint.json`` beside the manifest.
+        seed: intensity-sampling seed.
+
+    Returns:
+        0 when no case has an error, 1 otherwise.
+
+    Raises:
+        UserError: the manifest itself is unusable, or the fingerprint cannot be written.
+    """
+    manifest = load_manifest(manifest_path)
+    labelled_names = {c.name for c in [*manifest.training, *(manifest.validation or [])]}
+    cases = manifest.all_cases()
+    results: list[tuple[Case, _CaseResult]] = []
+    for case in tqdm(cases, desc="checking", unit="case", file=sys.stderr, disable=None, leave=False):
+        results.append((case, _inspect(case, manifest.labels, series_uid, seed)))
+
+    problems = [p for _, r in results for p in r.problems]
+    errors = [p for p in problems if p.severity == "error"]
+    bad_cases = {p.case for p in errors}
+    entries = [r.entry for _, r in results if r.entry is not None]
+    n_cases = {"training": len(manifest.training), "validation": len(manifest.validation or []),
+               "test": len(manifest.test)}
+    print(f"{manifest.path}: {len(cases)} case(s)")
+    for p in problems:
+        print(p)
+    print(_summary(n_cases, entries, manifest.labels, len(errors), len(problems) - len(errors), len(bad_cases)))
+    if errors:
+        print(f"{len(errors)} error(s) in {len(bad_cases)} case(s); fix them and run the check again "
+              "(fingerprint not written)")
+        return 1
+
+    chosen = [(c, r) for c, r in results if r.entry is not None and c.name in labelled_names]
+    if not chosen:
+        chosen = [(c, r) for c, r in results if r.entry is not None]
+    fp = combine_fingerprints([r.entry for _, r in chosen], [r.samples for _, r in chosen], manifest.labels,
+                              [r.labelled for _, r in chosen])
+    fp["manifest"] = str(manifest.path.resolve())
+    fp["seed"] = seed
+    out = Path(fingerprint_path) if fingerprint_path is not None else default_fingerprint_path(manifest.path)
+    try:
+        atomic_write_text(out, json.dumps(fp, indent=1) + "\n")
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the fingerprint ({exc.strerror or exc}); pass --fingerprint PATH "
+                        "to write it elsewhere") from None
+    print(f"all {len(cases)} case(s) passed; fingerprint written to {out}")
+    return 0

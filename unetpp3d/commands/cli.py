@@ -1,0 +1,155 @@
+"""Command line: `unetpp3d check | synth | train | infer | evaluate | export-bundle | demo`.
+
+Each command is a thin shell over one module's public function; heavy imports happen inside
+the command so that `unetpp3d --help` is quick. A :class:`UserError` is printed as one line,
+without a traceback, and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unetpp3d.errors import UserError
+from unetpp3d.hardware import keep_freed_memory
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="3D UNet++ segmentation of CT scans (liver, lung nodules). Research software, not a medical device.",
+)
+
+
+@app.command()
+def check(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest (JSON)."),
+    series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
+    fingerprint: Optional[Path] = typer.Option(None, help="Where to write the dataset fingerprint (default: beside the manifest)."),
+) -> None:
+    """Validate every case of a manifest, print a summary and write the dataset fingerprint."""
+    from unetpp3d.commands.check import run_check
+
+    raise typer.Exit(run_check(manifest, series_uid=series_uid, fingerprint_path=fingerprint))
+
+
+@app.command()
+def synth(
+    task: str = typer.Option("liver", help="liver or lung_nodule."),
+    cases: int = typer.Option(8, help="Number of phantoms."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (NIfTI files plus manifest.json)."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same phantoms."),
+    size: int = typer.Option(96, help="Edge length of each phantom in voxels (before random geometry)."),
+    random_geometry: bool = typer.Option(False, help="Random spacing and orientation, to exercise geometry code."),
+) -> None:
+    """Write synthetic CT phantoms with labels and a manifest."""
+    from unetpp3d.synth.phantom import write_dataset
+
+    path = write_dataset(task=task, n_cases=cases, out_dir=out, seed=seed, size=size, random_geometry=random_geometry)
+    typer.echo(f"wrote {cases} {task} phantoms and {path}")
+
+
+@app.command()
+def train(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest (JSON)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: the task's config)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<manifest>-<time>)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last.pt."),
+    force: bool = typer.Option(False, help="Overwrite an existing run folder."),
+    epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu or cuda:N (default: cuda when available)."),
+    fold: Optional[int] = typer.Option(None, help="Cross-validation fold (0-based) when the manifest has no validation list."),
+    set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, e.g. --set train.lr=0.001 (repeatable)."),
+) -> None:
+    """Train a 3D UNet++ on the cases of a manifest."""
+    from unetpp3d.commands.train import run_training
+
+    overrides = list(set_) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    run_training(manifest=manifest, config_path=config, out_dir=out, resume=resume, force=force,
+                 device=device, fold=fold, overrides=overrides)
+
+
+@app.command()
+def infer(
+    inputs: list[Path] = typer.Argument(..., help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders of scans, or a manifest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input, or a folder for several."),
+    model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: $UNETPP3D_MODEL, then the newest run in ./runs). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
+    mode: str = typer.Option("accurate", help="accurate (mean of all heads) or fast (pruned network)."),
+    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: 2)."),
+    tta: bool = typer.Option(False, help="Flip test-time augmentation (8 flips)."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu or cuda:N (default: cuda when available)."),
+    amp: bool = typer.Option(True, help="Reduced precision where it pays: bf16 on the GPU and on CPUs that "
+                                          "compute it natively (AMX, AVX512-BF16); --no-amp for fp32."),
+    preview: Optional[Path] = typer.Option(None, help="PNG of the mask over the scan (one input) or a folder of PNGs."),
+    skip_existing: bool = typer.Option(False, help="Skip inputs whose mask already exists."),
+    series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
+    trust_bundle: bool = typer.Option(False, help="Allow a bundle not written by unetpp3d (its JSON may run code)."),
+) -> None:
+    """Segment scans and write masks on each scan's own grid."""
+    from unetpp3d.commands.infer import run_inference
+
+    raise typer.Exit(run_inference(
+        inputs=inputs, out=out, model=model or None, mode=mode, prune_level=prune_level, tta=tta, overlap=overlap,
+        batch_size=batch_size, device=device, amp=amp, preview=preview, skip_existing=skip_existing,
+        series_uid=series_uid, trust_bundle=trust_bundle,
+    ))
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., help="Predicted masks: a file, a folder or a manifest."),
+    ref: Path = typer.Option(..., help="Reference masks: a file, a folder or a manifest."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV of per-case metrics (a summary is printed)."),
+    tolerance_mm: float = typer.Option(2.0, help="Tolerance of the surface Dice, in mm."),
+) -> None:
+    """Score predicted masks against references: Dice, IoU, HD95, surface Dice, volumes, detections."""
+    from unetpp3d.commands.evaluate import run_evaluation
+
+    raise typer.Exit(run_evaluation(pred=pred, ref=ref, out=out, tolerance_mm=tolerance_mm))
+
+
+@app.command("export-bundle")
+def export_bundle(
+    model: Path = typer.Option(..., help="Checkpoint or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    force: bool = typer.Option(False, help="Write into a non-empty folder."),
+) -> None:
+    """Export a trained model as a MONAI Bundle that `python -m monai.bundle run` executes."""
+    from unetpp3d.bundle.export import export_bundle as _export
+
+    path = _export(model=model, out=out, force=force)
+    typer.echo(f"bundle written to {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Where the demo writes everything."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+) -> None:
+    """Train a small UNet++ on synthetic abdominal phantoms, segment held-out ones, print the Dice."""
+    from unetpp3d.commands.demo import run_demo
+
+    raise typer.Exit(run_demo(out_dir=out, device=device))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    keep_freed_memory()  # large CPU activations reuse memory instead of fresh pages (see hardware.py)
+    try:
+        # Standalone mode lets click report usage errors itself (exit status 2) and exit.
+        app(args=argv, prog_name="unetpp3d")
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

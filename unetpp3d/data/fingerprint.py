@@ -1,0 +1,190 @@
+"""The dataset fingerprint: spacings, sizes, intensities and label volumes, as nnU-Net collects them."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from unetpp3d.errors import UserError
+from unetpp3d.geometry import Geometry, align_label_to_image, check_pair
+from unetpp3d.imageio.readers import read_image
+
+FINGERPRINT_VERSION = 1
+
+
+SAMPLES_PER_CASE = 10_000  # foreground voxels sampled per case, as nnU-Net does
+
+
+QUANTILE_STEPS = np.linspace(0.0, 100.0, 201)  # stored so clipped stats can be recomputed later
+
+
+def _rng_for(name: str, seed: int) -> np.random.Generator:
+    # Seed per case name, so a case's samples do not depend on which cases precede it.
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+def label_histogram(label: np.ndarray) -> dict[int, int]:
+    """Voxel count of every value present in an integer label map.
+
+    Counted in slabs: ``np.bincount`` widens its input to 64-bit integers, which for a whole
+    512x512x600 scan would be a 1.2 GB temporary.
+    """
+    flat = label.reshape(-1)
+    if flat.size == 0:
+        return {}
+    lo, hi = int(flat.min()), int(flat.max())
+    if hi - lo > 65535:  # sparse huge values: a dense count array would not fit
+        values, counts = np.unique(flat, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
+    counts = np.zeros(hi - lo + 1, dtype=np.int64)
+    step = 1 << 24
+    for start in range(0, flat.size, step):
+        chunk = flat[start:start + step].astype(np.int64) - lo
+        counts += np.bincount(chunk, minlength=counts.size)
+    return {int(v) + lo: int(n) for v, n in enumerate(counts) if n}
+
+
+def case_fingerprint(name: str, image: np.ndarray, geometry: Geometry, label: np.ndarray | None,
+                     labels: dict[int, str], seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+    """Fingerprint one case from arrays already in memory.
+
+    Args:
+        name: case name.
+        image: the scan, (x, y, z) on ``geometry``.
+        geometry: the scan's grid.
+        label: the label map on the same index grid (see
+            :func:`~unetpp3d.geometry.align_label_to_image`), or None.
+        labels: class number -> name, from the manifest.
+        seed: sampling seed.
+
+    Returns:
+        ``(entry, samples)``: the JSON-ready per-case record (spacing and size in RAS order,
+        label volumes in mL) and up to :data:`SAMPLES_PER_CASE` intensities sampled from the
+        foreground (all voxels when there is no label).
+    """
+    import nibabel as nib
+
+    ras = geometry.to_ras()
+    entry: dict[str, Any] = {
+        "name": name,
+        "spacing": [round(s, 6) for s in ras.spacing],
+        "size": list(ras.size),
+        "axcodes": "".join(nib.orientations.aff2axcodes(geometry.affine_ras())),
+        "intensity_min": float(image.min()),
+        "intensity_max": float(image.max()),
+    }
+    rng = _rng_for(name, seed)
+    if label is not None:
+        by_value = label_histogram(label)
+        ml = geometry.voxel_volume_ml()
+        entry["label_volumes_ml"] = {str(k): round(by_value.get(k, 0) * ml, 3) for k in labels if k != 0}
+        fg = image[label > 0]
+        entry["foreground_voxels"] = int(fg.size)
+        source = fg
+    else:
+        source = image.reshape(-1)
+    n = min(SAMPLES_PER_CASE, source.size)
+    samples = rng.choice(source, size=n, replace=False).astype(np.float64) if n else np.empty(0)
+    return entry, samples
+
+
+def combine_fingerprints(entries: Sequence[dict[str, Any]], samples: Sequence[np.ndarray], labels: dict[int, str],
+                         foreground: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Merge per-case records into the dataset fingerprint.
+
+    Args:
+        entries: per-case records from :func:`case_fingerprint`.
+        samples: the matching intensity samples.
+        labels: class number -> name.
+        foreground: per case, whether its samples are foreground (it had a label); default all.
+
+    Returns:
+        The fingerprint dict (plain JSON types): ``cases``, ``median_spacing``, ``spacing_min``,
+        ``spacing_max``, ``median_size``, ``size_min``, ``size_max`` (RAS order),
+        ``intensity`` (``source``, ``percentile_00_5``, ``percentile_99_5``, ``mean``, ``std``,
+        ``clipped_mean``, ``clipped_std``, ``quantiles``) and ``label_volumes_ml`` per class.
+    """
+    if not entries:
+        raise UserError("fingerprint: no cases to fingerprint")
+    foreground = list(foreground) if foreground is not None else [True] * len(entries)
+    spacing = np.array([e["spacing"] for e in entries], dtype=float)
+    size = np.array([e["size"] for e in entries], dtype=float)
+    fp: dict[str, Any] = {
+        "version": FINGERPRINT_VERSION,
+        "labels": {str(k): v for k, v in labels.items()},
+        "n_cases": len(entries),
+        "median_spacing": np.median(spacing, axis=0).round(6).tolist(),
+        "spacing_min": spacing.min(axis=0).tolist(),
+        "spacing_max": spacing.max(axis=0).tolist(),
+        "median_size": np.median(size, axis=0).tolist(),
+        "size_min": size.min(axis=0).astype(int).tolist(),
+        "size_max": size.max(axis=0).astype(int).tolist(),
+        "cases": list(entries),
+    }
+    fg = [s for s, is_fg in zip(samples, foreground) if is_fg and s.size]
+    pool, source = (fg, "foreground") if fg else ([s for s in samples if s.size], "image")
+    if pool:
+        values = np.concatenate(pool)
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        clipped = np.clip(values, lo, hi)
+        fp["intensity"] = {
+            "source": source,
+            "n_samples": int(values.size),
+            "percentile_00_5": float(lo),
+            "percentile_99_5": float(hi),
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "clipped_mean": float(clipped.mean()),
+            "clipped_std": float(clipped.std()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "quantiles": np.percentile(values, QUANTILE_STEPS).round(4).tolist(),
+        }
+    else:
+        fp["intensity"] = {"source": "none", "n_samples": 0}
+    volumes: dict[str, Any] = {}
+    for k, name in labels.items():
+        if k == 0:
+            continue
+        vals = [e["label_volumes_ml"][str(k)] for e in entries if "label_volumes_ml" in e]
+        if vals:
+            volumes[str(k)] = {"name": name, "median": float(np.median(vals)), "min": float(min(vals)),
+                               "max": float(max(vals)), "cases_without": int(sum(v == 0 for v in vals))}
+    fp["label_volumes_ml"] = volumes
+    return fp
+
+
+def fingerprint(cases: Iterable[Any], labels: dict[int, str], series_uid: str | None = None,
+                seed: int = 0) -> dict[str, Any]:
+    """Read cases and compute the dataset fingerprint.
+
+    Args:
+        cases: :class:`~unetpp3d.data.manifest.Case` objects (anything with ``name``, ``image`` and
+            ``label``); labelled ones contribute foreground intensities and label volumes.
+        labels: class number -> name.
+        series_uid: SeriesInstanceUID for DICOM folders holding several series.
+        seed: sampling seed; the same seed gives the same fingerprint.
+
+    Returns:
+        See :func:`combine_fingerprints`.
+
+    Raises:
+        UserError: a case cannot be read or its label does not fit its image (run
+            ``unetpp3d check`` to see every problem at once).
+    """
+    entries, samples, is_fg = [], [], []
+    for case in cases:
+        image, geom = read_image(case.image, series_uid=series_uid)
+        label = None
+        if case.label is not None:
+            label, lgeom = read_image(case.label, is_label=True)
+            check_pair(geom, lgeom, case.image, case.label)
+            label = align_label_to_image(label, lgeom, geom)
+        entry, s = case_fingerprint(case.name, image, geom, label, labels, seed)
+        entries.append(entry)
+        samples.append(s)
+        is_fg.append(label is not None)
+    return combine_fingerprints(entries, samples, labels, is_fg)

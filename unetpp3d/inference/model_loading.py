@@ -1,0 +1,179 @@
+"""Find and load the model to run: a checkpoint, a run folder or an exported MONAI Bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from unetpp3d.config import Preprocessing
+from unetpp3d.errors import UserError
+
+log = logging.getLogger("unetpp3d")
+
+
+MODEL_ENV = "UNETPP3D_MODEL"
+
+
+# The section of a bundle's configs/metadata.json that unetpp3d writes and reads: plain JSON
+# holding model_args, preprocessing and (optionally) the training config.
+BUNDLE_METADATA_KEY = "unetpp3d"
+
+
+def find_default_model(runs_dir: str | Path = "runs") -> Path:
+    """The model to use when none is given: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``.
+
+    The newest run is the one whose ``best.pt`` or ``last.pt`` was written last.
+
+    Raises:
+        UserError: neither exists, saying how to get a model.
+    """
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        path = Path(env).expanduser()
+        if not path.exists():
+            raise UserError(f"${MODEL_ENV}={env}: no such checkpoint, run folder or bundle; fix or unset it")
+        return path.resolve()
+    runs = Path(runs_dir)
+    candidates = []
+    if runs.is_dir():
+        for run in runs.iterdir():
+            stamps = [(run / n).stat().st_mtime for n in ("best.pt", "last.pt") if (run / n).is_file()]
+            if stamps:
+                candidates.append((max(stamps), run))
+    if not candidates:
+        raise UserError(
+            f"no model given and none found (no ${MODEL_ENV}, no run with best.pt or last.pt in {runs.resolve()}); "
+            "train one with `unetpp3d train --manifest dataset.json` (or try `unetpp3d demo`), "
+            "or pass --model CHECKPOINT|RUN_FOLDER|BUNDLE_FOLDER"
+        )
+    return max(candidates, key=lambda c: c[0])[1].resolve()
+
+
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "configs" / "metadata.json").is_file()
+
+
+def bundle_metadata(payload: dict[str, Any]) -> dict[str, Any]:
+    """The ``unetpp3d`` section a bundle's ``configs/metadata.json`` needs so that ``infer`` trusts it.
+
+    Plain JSON: the network's constructor arguments, the :class:`Preprocessing` and the training
+    config. With it, :meth:`Predictor.from_source` rebuilds the network itself and reads the
+    weights from ``models/model.pt`` with ``weights_only=True``; nothing in the bundle is executed.
+
+    Args:
+        payload: a loaded checkpoint (``model_args``, ``preprocessing``, optionally ``config``).
+    """
+    return {
+        "format": 1,
+        "model_args": payload["model_args"],
+        "preprocessing": payload["preprocessing"],
+        "config": payload.get("config"),
+    }
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; a bundle keeps its weights in models/model.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unsafe or corrupt files
+        raise UserError(f"{path}: cannot load as weights only ({type(exc).__name__}); "
+                        "it may be truncated or hold objects other than tensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Network, preprocessing dict and config dict of an exported MONAI Bundle.
+
+    A bundle carrying our metadata section is read as data only. Any other bundle can only be
+    run by building its ``network_def`` with MONAI's ConfigParser, whose ``$`` expressions are
+    Python code: that happens only with ``trust_bundle``.
+    """
+    meta_path = folder / "configs" / "metadata.json"
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{meta_path}: not readable JSON ({exc})") from None
+    ours = metadata.get(BUNDLE_METADATA_KEY) if isinstance(metadata, dict) else None
+    weights = folder / "models" / "model.pt"
+    if isinstance(ours, dict) and "model_args" in ours and "preprocessing" in ours:
+        from unetpp3d.model.network import UNetPlusPlus3D
+
+        state = _load_weights(weights)
+        try:
+            net = UNetPlusPlus3D.from_checkpoint({"model_args": ours["model_args"], "state_dict": state})
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{folder}: the bundle's model_args and weights do not fit ({exc})") from None
+        return net, ours["preprocessing"], ours.get("config") or {}
+    if not trust_bundle:
+        raise UserError(
+            f"{folder}: this bundle was not exported by unetpp3d (no '{BUNDLE_METADATA_KEY}' section with model_args "
+            f"and preprocessing in configs/metadata.json); running it means executing the Python expressions in its "
+            f"configs. If you trust its author, pass --trust-bundle; or run it with `python -m monai.bundle run`"
+        )
+    from monai.bundle import ConfigParser
+
+    configs = [folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")]
+    config_path = next((p for p in configs if p.is_file()), None)
+    if config_path is None:
+        raise UserError(f"{folder}: no configs/inference.json (or .yaml) to build the network from")
+    parser = ConfigParser()
+    parser.read_meta(str(meta_path))
+    parser.read_config(str(config_path))
+    prep = (ours or {}).get("preprocessing") if isinstance(ours, dict) else None
+    if prep is None and "preprocessing" in parser.config:
+        prep = parser.get_parsed_content("preprocessing")
+    if prep is None:
+        raise UserError(f"{folder}: the bundle does not give unetpp3d preprocessing (a '{BUNDLE_METADATA_KEY}."
+                        f"preprocessing' entry in metadata.json or 'preprocessing' in {config_path.name}), so its "
+                        "input pipeline cannot be reproduced; run it with `python -m monai.bundle run` instead")
+    try:
+        net = parser.get_parsed_content("network_def")
+    except Exception as exc:  # anything the bundle's own code raises
+        raise UserError(f"{config_path}: cannot build 'network_def' ({type(exc).__name__}: {exc})") from None
+    try:
+        net.load_state_dict(_load_weights(weights))
+    except RuntimeError as exc:
+        raise UserError(f"{weights}: does not fit the bundle's network_def ({str(exc).splitlines()[0]})") from None
+    config = ours.get("config") if isinstance(ours, dict) else None
+    return net, dict(prep), config or {}
+
+
+def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module, dict, dict, Path]:
+    """Network, preprocessing dict, config dict and resolved path of one model source (see ``from_source``)."""
+    path = Path(model) if model is not None else find_default_model()
+    if path.is_dir() and _is_bundle(path):
+        net, prep, config = _load_bundle(path, trust_bundle)
+    else:
+        from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
+        from unetpp3d.model.network import UNetPlusPlus3D
+
+        ckpt = resolve_model_path(path)
+        payload = load_checkpoint(ckpt)
+        if "preprocessing" not in payload:
+            raise UserError(f"{ckpt}: has no preprocessing, so its input pipeline is unknown; use a checkpoint "
+                            "written by `unetpp3d train` (best.pt or last.pt)")
+        try:
+            net = UNetPlusPlus3D.from_checkpoint(payload)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{ckpt}: model arguments and weights do not fit ({exc})") from None
+        prep, config = payload["preprocessing"], payload.get("config") or {}
+        path = ckpt
+    log.info("model: %s", path)
+    return net, prep, config or {}, path
+
+
+def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``"name: value_a vs value_b"`` for each field of two models' preprocessing that differs."""
+    a, b = Preprocessing.from_dict(dict(a)).to_dict(), Preprocessing.from_dict(dict(b)).to_dict()
+    return [f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key]]

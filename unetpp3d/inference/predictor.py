@@ -1,0 +1,425 @@
+"""Inference: segment scans with a trained UNet++ and write masks on each scan's own grid.
+
+One case goes through these steps, each a MONAI component, so that an exported MONAI Bundle's
+``inference.json`` can list the same ones and get the same voxels:
+
+1. ``preprocessing``: ``transforms.inference_transforms(prep)``: load (``SitkReader``), orient
+   to RAS, resample to the model's spacing, crop to the body, clip and z-score intensities; the
+   model's own :class:`~unetpp3d.config.Preprocessing`, read from its checkpoint.
+2. ``inferer``: ``SlidingWindowInferer(roi_size, sw_batch_size, overlap, mode="gaussian")``
+   (:meth:`Predictor.inferer`) over ``network`` = ``ProbabilityNet(net, tta, prune_level)``,
+   which gives each window's softmax probabilities (averaged over the 8 flips of the three
+   axes with test-time augmentation); with several models (the folds of a cross-validation),
+   ``EnsembleNet`` averages their probabilities. ``roi_size`` is ``prep.patch_size`` rounded up to the
+   network's size divisor; inputs smaller than it are padded. Windows run on the GPU; the
+   whole-volume output is stitched there when it fits in free GPU memory, else on the CPU.
+3. ``postprocessing``: ``Invertd(keys="pred", transform=preprocessing, orig_keys="image",
+   nearest_interp=False)`` takes the probabilities back through crop, resampling (linear) and
+   orientation onto the input's grid; ``AsDiscreted(keys="pred", argmax=True)``; then
+   :meth:`Predictor.postprocess_transforms`: largest component with holes filled for the liver,
+   components of at least ``infer.min_component_ml`` for lung nodules (which are also measured
+   and reported in JSON and CSV).
+
+:func:`run_inference` is the ``unetpp3d infer`` command: it expands its inputs into cases, runs
+the :class:`Predictor` on each, writes every output atomically (mask last, so an existing mask
+means a finished case), keeps going past a case that fails, and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unetpp3d.config import Preprocessing
+from unetpp3d.errors import UserError
+from unetpp3d.hardware import inference_autocast_dtype
+from unetpp3d.inference.model_loading import _load_model, _preprocessing_differences
+from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
+
+log = logging.getLogger("unetpp3d")
+
+
+MODES = ("accurate", "fast")
+
+
+DEFAULT_FAST_LEVEL = 2
+
+
+# GPU memory kept free beside the stitched output for the windows' activations and allocator slack.
+_GPU_HEADROOM_BYTES = 2 * 1024**3
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here (PyTorch {torch.__version__}); "
+                            "use --device cpu or install a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) present")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: unsupported; use cpu, cuda or cuda:N")
+    return dev
+
+
+@dataclass
+class Prediction:
+    """The result of one case, everything on the input's own grid.
+
+    Attributes:
+        mask_xyz: integer labels (x, y, z), post-processed.
+        probabilities: class probabilities ``(C, x, y, z)`` float32 after ``Invertd``, or None
+            when the predictor was not asked to keep them (they are large).
+        geometry: the input's :class:`~unetpp3d.geometry.Geometry`.
+        image_xyz: the input scan (x, y, z) as read, for previews.
+        seconds: wall time of the whole prediction.
+        nodules: for lung nodules, the measured components (largest first); else None.
+        info: what the predictor decided (stitching device, sizes, timings).
+    """
+
+    mask_xyz: np.ndarray
+    probabilities: np.ndarray | None
+    geometry: Any
+    image_xyz: np.ndarray
+    seconds: float
+    nodules: list | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _round_up(values: Sequence[int], divisor: Sequence[int]) -> tuple[int, int, int]:
+    rounded = (int(math.ceil(int(v) / int(d)) * int(d)) for v, d in zip(values, divisor))
+    return tuple(rounded)  # type: ignore[return-value]
+
+
+class Predictor:
+    """Segment one scan at a time with a trained network and its preprocessing.
+
+    Args:
+        network: the segmentation network (a :class:`~unetpp3d.model.network.UNetPlusPlus3D`, or any
+            module returning logits in eval mode), or a list of them sharing ``preprocessing``:
+            an ensemble whose softmax probabilities are averaged (:class:`EnsembleNet`).
+        preprocessing: the model's :class:`Preprocessing` (or its dict).
+        mode: "accurate" (mean of all deep-supervision heads) or "fast" (the pruned UNet++ L^l).
+        prune_level: l for fast mode; default 2, capped at the network's depth.
+        tta: test-time augmentation: average the probabilities of the 8 flips of the three axes.
+        overlap: sliding-window overlap in [0, 1).
+        sw_batch_size: windows per forward pass.
+        device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
+        amp: reduced precision where it pays: bf16 (fp16 where unsupported) on CUDA, bf16 on
+            CPUs that compute it natively (AMX, AVX512-BF16), else fp32.
+        min_component_ml: lung nodules smaller than this are dropped.
+        series_uid: the DICOM series to read from folders holding several.
+        keep_probabilities: return the probabilities in :class:`Prediction` (default: for lung
+            nodules only, whose report needs them).
+        progress: show a progress bar over the windows.
+        source: where the model came from, for messages.
+
+    Raises:
+        UserError: a setting is out of range for this model.
+
+    Example::
+
+        >>> predictor = Predictor.from_source("runs/liver-0101", device="cuda", mode="fast")
+        >>> result = predictor.predict("ct.nii.gz")
+        >>> write_mask(result.mask_xyz, result.geometry, "ct_liver.nii.gz")
+    """
+
+    def __init__(self, network: nn.Module | Sequence[nn.Module], preprocessing: Preprocessing | dict[str, Any], *,
+                 mode: str = "accurate", prune_level: int | None = None, tta: bool = False, overlap: float = 0.5,
+                 sw_batch_size: int = 2, device: str | torch.device | None = None, amp: bool = True,
+                 min_component_ml: float = 0.0,
+                 series_uid: str | None = None, keep_probabilities: bool | None = None, progress: bool = True,
+                 source: str = "model"):
+        if not isinstance(preprocessing, Preprocessing):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.prep = preprocessing
+        self.source = source
+        self.device = _resolve_device(device)
+        if mode not in MODES:
+            raise UserError(f"--mode {mode!r}: use accurate or fast")
+        if not 0.0 <= float(overlap) < 1.0:
+            raise UserError(f"--overlap {overlap}: must be in [0, 1)")
+        if int(sw_batch_size) < 1:
+            raise UserError(f"--batch-size {sw_batch_size}: must be at least 1")
+        if float(min_component_ml) < 0:
+            raise UserError(f"min_component_ml {min_component_ml}: must not be negative")
+        self.mode = mode
+        networks = list(network) if isinstance(network, (list, tuple)) else [network]
+        if not networks:
+            raise UserError("no model given")
+        levels = [self._check_prune_level(net, mode, prune_level) for net in networks]
+        self.prune_level = levels[0]
+        self.tta = bool(tta)
+        self.overlap = float(overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.min_component_ml = float(min_component_ml)
+        self.series_uid = series_uid
+        if keep_probabilities is None:
+            keep_probabilities = self.prep.task == "lung_nodule"
+        self.keep_probabilities = bool(keep_probabilities)
+        self.progress = progress
+        self.amp_dtype = inference_autocast_dtype(self.device) if amp else None
+
+        self.networks = [net.to(self.device).eval() for net in networks]
+        self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
+        members = [ProbabilityNet(net, tta=self.tta, amp=amp, prune_level=level)
+                   for net, level in zip(self.networks, levels)]
+        self.window_net = (members[0] if len(members) == 1 else EnsembleNet(members)).eval()
+        # Every member's size divisor, per axis (the same for the folds of one config).
+        divisor = tuple(math.lcm(*axis) for axis in zip(*(tuple(getattr(net, "size_divisor", (1, 1, 1)))
+                                                            for net in self.networks)))
+        # Every window must pass the network: round the patch up to the strides' product.
+        self.roi_size = _round_up(self.prep.patch_size, divisor)
+        if list(self.roi_size) != [int(p) for p in self.prep.patch_size]:
+            log.info("patch size %s rounded up to %s, a multiple of the network's size divisor %s",
+                     tuple(self.prep.patch_size), self.roi_size, divisor)
+        self._transforms = None
+        self._reader = None
+
+    @staticmethod
+    def _check_prune_level(network: nn.Module, mode: str, prune_level: int | None) -> int | None:
+        if mode == "accurate":
+            if prune_level is not None:
+                raise UserError(f"--prune-level {prune_level} applies to the pruned network; add --mode fast")
+            return None
+        if not hasattr(network, "prune_level"):
+            raise UserError("--mode fast: this network cannot be pruned (it is not a unetpp3d UNet++); "
+                            "use --mode accurate")
+        depth = int(getattr(network, "depth", DEFAULT_FAST_LEVEL))
+        if not getattr(network, "deep_supervision", True):
+            raise UserError("--mode fast: this model was trained without deep supervision, so it has no heads to "
+                            "prune to; use --mode accurate")
+        if prune_level is None:
+            return min(DEFAULT_FAST_LEVEL, depth)
+        if not 1 <= int(prune_level) <= depth:
+            raise UserError(f"--prune-level {prune_level}: this model has depth {depth}; use 1..{depth} "
+                            f"(1 is fastest, {depth} the full network)")
+        return int(prune_level)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_source(cls, model: str | Path | Sequence[str | Path] | None = None,
+                    device: str | torch.device | None = None, trust_bundle: bool = False, *,
+                    overlap: float | None = None, batch_size: int | None = None,
+                    min_component_ml: float | None = None, **options: Any) -> Predictor:
+        """Build a predictor from a checkpoint, a run folder or an exported MONAI Bundle, or an ensemble of them.
+
+        Args:
+            model: a checkpoint file (``.pt``), a training run folder (its ``best.pt``, else
+                ``last.pt``), a bundle folder (``configs/metadata.json`` + ``models/model.pt``),
+                or None: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``. A list of
+                several is an ensemble (e.g. the folds of a cross-validation): their softmax
+                probabilities are averaged, so they must share their preprocessing (task,
+                labels, spacing, intensities, patch size); the sliding-window and post-processing
+                defaults come from the first.
+            device: see :class:`Predictor`.
+            trust_bundle: allow a bundle that unetpp3d did not export. Such a bundle's network is
+                built with ``monai.bundle.ConfigParser`` from its ``network_def``, which evaluates
+                the ``$`` Python expressions in its JSON/YAML: only for bundles you trust. A
+                unetpp3d bundle is always read as data: its metadata's ``unetpp3d`` section
+                (model_args, preprocessing) and the weights, loaded with ``weights_only=True``.
+            overlap: sliding-window overlap (default: the model's ``infer.overlap``).
+            batch_size: windows per forward pass (default: the model's ``infer.sw_batch_size``).
+            min_component_ml: smallest nodule kept (default: the model's ``infer.min_component_ml``).
+            **options: the other keyword arguments of :class:`Predictor` (mode, prune_level, tta,
+                amp, series_uid, keep_probabilities, progress).
+
+        Raises:
+            UserError: no model found, an unreadable or untrusted model, models of an ensemble
+                whose preprocessing differs, or bad settings.
+        """
+        sources = list(model) if isinstance(model, (list, tuple)) else [model]
+        loaded = [_load_model(source, trust_bundle) for source in sources or [None]]
+        net, prep, config, path = loaded[0]
+        for _, other_prep, _, other_path in loaded[1:]:
+            differences = _preprocessing_differences(prep, other_prep)
+            if differences:
+                raise UserError(f"{other_path}: its preprocessing differs from {path}'s ({'; '.join(differences)}), "
+                                "so the models cannot be ensembled (their probabilities must be on the same grid "
+                                "and classes); ensemble models trained on one dataset with one config, such as the "
+                                "folds of a cross-validation")
+        infer = (config or {}).get("infer") or {}
+        source = str(path)
+        if len(loaded) > 1:
+            source = f"ensemble of {len(loaded)} ({', '.join(str(entry[3]) for entry in loaded)})"
+        return cls(
+            [entry[0] for entry in loaded] if len(loaded) > 1 else net, prep, device=device,
+            overlap=overlap if overlap is not None else float(infer.get("overlap", 0.5)),
+            sw_batch_size=batch_size if batch_size is not None else int(infer.get("sw_batch_size", 2)),
+            min_component_ml=(min_component_ml if min_component_ml is not None
+                              else float(infer.get("min_component_ml", 0.0))),
+            source=source, **options,
+        )
+
+    # -- the MONAI pieces, shared with the bundle ---------------------------------------------
+
+    @property
+    def transforms(self):
+        """``inference_transforms(prep)``: the Compose whose ``inverse`` Invertd applies."""
+        if self._transforms is None:
+            from unetpp3d.data.transforms import inference_transforms
+            from unetpp3d.imageio.readers import SitkReader
+
+            self._reader = SitkReader(series_uid=self.series_uid)
+            self._transforms = inference_transforms(self.prep, reader=self._reader)
+        return self._transforms
+
+    def inferer(self, stitch_device: torch.device | str | None = None):
+        """The ``SlidingWindowInferer`` this predictor runs (Gaussian blending, padding for small inputs)."""
+        from monai.inferers import SlidingWindowInferer
+
+        from unetpp3d.data.transforms import pad_value
+
+        # Pad small inputs as training did (with air), not with 0, which is soft tissue after the z-score.
+        return SlidingWindowInferer(
+            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian",
+            padding_mode="constant", cval=pad_value(self.prep), sw_device=self.device,
+            device=stitch_device or self.device,
+            progress=self.progress,
+        )
+
+    def postprocess_transforms(self, keys: str = "pred") -> list:
+        """The task's post-processing as MONAI dictionary transforms (what a bundle lists after argmax)."""
+        from unetpp3d.inference.postprocess import postprocess_transforms
+
+        labels = [int(k) for k in self.prep.labels if int(k) != 0]
+        return postprocess_transforms(self.prep.task, labels, self.min_component_ml, keys=keys)
+
+    def _stitch_device(self, shapes: Sequence[Sequence[int]]) -> tuple[torch.device, str]:
+        """Where to hold the whole-volume output: the GPU when it fits in its free memory, else the CPU."""
+        if self.device.type != "cuda":
+            return self.device, "on the CPU"
+        voxels = max(int(np.prod(s)) for s in shapes)
+        # The blended output and its weight map, held twice around the inverse resampling.
+        need = voxels * 4 * (self.prep.num_classes + 1) * 2
+        free, _ = torch.cuda.mem_get_info(self.device)
+        gib = 1024**3
+        if need + _GPU_HEADROOM_BYTES > free:
+            return torch.device("cpu"), (f"on the CPU: the full-volume output needs ~{need / gib:.1f} GiB and only "
+                                         f"{free / gib:.1f} GiB of {self.device} memory is free (windows still run on "
+                                         f"{self.device})")
+        return self.device, f"on {self.device} (~{need / gib:.1f} GiB of {free / gib:.1f} GiB free)"
+
+    # -- one case ----------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> tuple[dict[str, Any], np.ndarray, Any]:
+        """Run the preprocessing; return the transformed dict, the scan as read, and its geometry."""
+        from monai.transforms import Compose, LoadImaged
+
+        from unetpp3d.geometry import Geometry
+        from unetpp3d.imageio.readers import read_image
+
+        steps = list(self.transforms.transforms)
+        if not steps or not isinstance(steps[0], LoadImaged):
+            image_xyz, geometry = read_image(path, series_uid=self.series_uid)
+            return self.transforms({"image": str(path)}), image_xyz, geometry
+        # Run the loader on its own to keep the scan as read (for the preview) without reading it
+        # twice. The remaining steps are the same objects, so the Compose's inverse still
+        # matches the operations traced on the tensor. Naming the reader at call time stops
+        # MONAI from trying its other readers after ours refused the file, which would bury our
+        # UserError under their tracebacks.
+        data = steps[0]({"image": str(path)}, reader=self._reader)
+        raw = data["image"]
+        image_xyz = np.asarray(raw[0]).copy()
+        geometry = Geometry.from_dict(raw.meta["geometry"])
+        return Compose(steps[1:])(data), image_xyz, geometry
+
+    @torch.no_grad()
+    def predict(self, image_path: str | Path) -> Prediction:
+        """Segment one scan.
+
+        Args:
+            image_path: a NIfTI/NRRD/MHA file or a DICOM series folder.
+
+        Returns:
+            A :class:`Prediction` on the input's grid, post-processed for the model's task.
+
+        Raises:
+            UserError: the scan cannot be read.
+        """
+        from monai.transforms import Invertd
+
+        from unetpp3d.inference.nodules import nodule_components
+        from unetpp3d.inference.postprocess import largest_component_filled
+
+        start = time.perf_counter()
+        path = Path(image_path)
+        data, image_xyz, geometry = self._load(path)
+        image = data["image"]
+        loaded = time.perf_counter()
+
+        stitch, why = self._stitch_device([image.shape[1:], geometry.size])
+        log.info("%s: %s -> %s at %s mm; %d window(s) of %s, stitching %s", path.name, geometry.describe(),
+                 "x".join(map(str, image.shape[1:])), "x".join(f"{s:g}" for s in self.prep.target_spacing),
+                 self._count_windows(image.shape[1:]), "x".join(map(str, self.roi_size)), why)
+        probs = self.inferer(stitch)(image[None], self.window_net)[0]
+        windows = time.perf_counter()
+
+        # Invertd copies the image's trace of applied transforms onto the prediction and undoes
+        # them: crop -> pad back, spacing -> linear resampling to the input's grid, orientation.
+        invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image", nearest_interp=False,
+                         to_tensor=True)
+        try:
+            inverted = invert({**data, "pred": probs})["pred"]
+        except RuntimeError as exc:
+            if probs.device.type == "cpu":
+                raise
+            # Out of GPU memory (the input's grid can be far larger than the resampled one) or
+            # a GPU-only failure: the CPU gives the same result, more slowly.
+            log.warning("%s: resampling back to the input grid failed on %s (%s); redoing it on the CPU",
+                        path.name, probs.device, str(exc).splitlines()[0][:120])
+            probs = probs.cpu()
+            torch.cuda.empty_cache()
+            inverted = invert({**data, "pred": probs})["pred"]
+        del data, probs
+        probabilities = inverted.as_tensor() if hasattr(inverted, "as_tensor") else inverted
+        if tuple(probabilities.shape[1:]) != tuple(geometry.size):
+            raise RuntimeError(f"inverse transforms gave {tuple(probabilities.shape[1:])}, expected {geometry.size}")
+        mask = probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        probs_np = probabilities.float().cpu().numpy() if (self.keep_probabilities or self.prep.task == "lung_nodule") \
+            else None
+        del inverted, probabilities
+
+        labels = [int(k) for k in self.prep.labels if int(k) != 0]
+        nodules = None
+        if self.prep.task == "liver":
+            mask = largest_component_filled(mask, labels)
+        elif self.prep.task == "lung_nodule":
+            mask, nodules = nodule_components(mask, geometry, probs_np, self.min_component_ml)
+        end = time.perf_counter()
+        info = {"stitch": str(stitch), "resampled_shape": [int(s) for s in image.shape[1:]],
+                "load_s": loaded - start, "windows_s": windows - loaded, "post_s": end - windows}
+        log.info("%s: %.1f s (read+preprocess %.1f, windows %.1f, inverse+postprocess %.1f)", path.name,
+                 end - start, info["load_s"], info["windows_s"], info["post_s"])
+        return Prediction(mask_xyz=mask, probabilities=probs_np if self.keep_probabilities else None,
+                          geometry=geometry, image_xyz=image_xyz, seconds=end - start, nodules=nodules, info=info)
+
+    def _count_windows(self, shape: Sequence[int]) -> int:
+        n = 1
+        for size, roi in zip(shape, self.roi_size):
+            size = max(int(size), roi)
+            step = max(int(roi * (1 - self.overlap)), 1)
+            n *= int(math.ceil((size - roi) / step)) + 1
+        return n
+
+    def describe(self) -> str:
+        """One line: model, mode, TTA, window and device."""
+        mode = self.mode if self.prune_level is None else f"fast (UNet++ L^{self.prune_level})"
+        return (f"{self.source}: task {self.prep.task}, mode {mode}, tta {'on' if self.tta else 'off'}, "
+                f"window {'x'.join(map(str, self.roi_size))} overlap {self.overlap:g} x{self.sw_batch_size}, "
+                f"device {self.device}{' amp ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}")

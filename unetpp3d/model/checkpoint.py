@@ -1,0 +1,95 @@
+"""Checkpoints: atomic saves and weights-only loads.
+
+A checkpoint is a dict of plain Python types and tensors (see docs/architecture.md for the
+keys). It is written to a temporary file that is fsynced and renamed over the target, so a kill
+during a save leaves the previous checkpoint intact; and it is read with
+``torch.load(weights_only=True)``, whose restricted unpickler refuses any object that would run
+code when loaded, so a checkpoint from an untrusted source cannot execute anything.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unetpp3d.atomic import atomic_path
+from unetpp3d.errors import UserError
+
+# What trainer checkpoints carry (docs/architecture.md); a model-only file needs just the first two.
+PAYLOAD_KEYS = ("model_args", "state_dict", "preprocessing", "config", "epoch", "optimizer", "scheduler",
+                "scaler", "rng", "best_metric", "split")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically (temporary file, flush, fsync, rename).
+
+    Args:
+        path: target file, usually ``RUN/last.pt`` or ``RUN/best.pt``.
+        payload: plain Python types and tensors only, so that a weights-only load accepts it.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: a ``.pt`` file written by :func:`save_checkpoint` (or ``UNetPlusPlus3D.save``).
+        map_location: where to put the tensors.
+
+    Raises:
+        UserError: the file is missing, truncated, not a checkpoint, or pickles objects other
+            than plain types and tensors (which could run code, so they are refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refused, it holds objects other than weights and plain values, which could "
+                        f"run code when loaded ({_unpickling_reason(exc)}); only load checkpoints written by "
+                        f"unetpp3d") from None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+                        f"it may be truncated or not a PyTorch file") from None
+    if not isinstance(payload, dict) or "model_args" not in payload or "state_dict" not in payload:
+        raise UserError(f"{path}: not a unetpp3d checkpoint (no model_args/state_dict)")
+    return payload
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's message that names the refused object, not its generic advice."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (named or lines or [type(exc).__name__])[0].rstrip(".")
+
+
+def resolve_model_path(source: str | Path) -> Path:
+    """Turn a run folder or checkpoint path into a checkpoint file.
+
+    A run folder gives its ``best.pt`` (the best validation Dice) when there is one, else its
+    ``last.pt``.
+
+    Raises:
+        UserError: the path does not exist, or a folder holds neither checkpoint.
+    """
+    source = Path(source)
+    if source.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (source / name).is_file():
+                return source / name
+        raise UserError(f"{source}: no best.pt or last.pt in this folder; is it a training run folder?")
+    if source.is_file():
+        return source
+    raise UserError(f"{source}: no such checkpoint or run folder")

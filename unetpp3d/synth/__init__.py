@@ -1,0 +1,1 @@
+"""Synthetic CT phantoms (abdomen with liver, chest with nodules) for the demo and the tests."""
