@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import hashlib, os, sys
     import torch
+    from unetpp3d.commands.train import run_training
     from unetpp3d.training import trainer as T
 
     manifest, config, run, out = sys.argv[1:5]
@@ -35,7 +36,7 @@ WORKER = textwrap.dedent("""
         end(self)
 
     T.Trainer.train_step, T.Trainer.on_train_end = spy_step, spy_end
-    T.run_training(manifest, config, run, device="cpu", overrides=[
+    run_training(manifest, config, run, device="cpu", overrides=[
         "model.features=[4,8,16]", "data.patch_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
         "train.epochs=2", "train.iterations_per_epoch=3", "train.val_every=1", "train.amp=off"])
     torch.save({"seen": seen, "state": final}, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
