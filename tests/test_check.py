@@ -135,7 +135,7 @@ def broken_dataset(make_image, tmp_path) -> tuple[Path, dict[str, str]]:
 
 def test_all_problems_are_reported_one_line_each(make_image, tmp_path, capsys):
     manifest, expected = broken_dataset(make_image, tmp_path)
-    assert run_check(manifest) == 1
+    assert run_check(manifest) == 2  # every problem check finds is the user's to fix
     out = capsys.readouterr().out
     error_lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
     assert len(error_lines) == len(expected), "\n".join(error_lines)
@@ -153,7 +153,7 @@ def test_cli_check_exit_codes_without_traceback(make_image, tmp_path, capsys):
     manifest, _ = broken_dataset(make_image, tmp_path)
     with pytest.raises(SystemExit) as info:
         main(["check", "--manifest", str(manifest)])
-    assert info.value.code == 1
+    assert info.value.code == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
 
@@ -176,7 +176,7 @@ def test_cli_subprocess(make_image, tmp_path):
     exe = Path(sys.executable).with_name("unetpp3d")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "unetpp3d"]
     done = subprocess.run([*cmd, "check", "--manifest", str(manifest)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "Traceback" not in done.stdout + done.stderr
     assert "error: c: " in done.stdout and "0.5" in done.stdout
 

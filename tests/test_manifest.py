@@ -143,6 +143,105 @@ def test_validation_list_wins_and_refuses_fold(tmp_path):
         split_cases(m, fold=0)
 
 
+def nnunet_v2_dataset(root: Path, n: int = 4) -> Path:
+    """A fake nnU-Net v2 raw dataset: empty image files, found by file_ending."""
+    for i in range(n):
+        write_json(root / "imagesTr" / f"liver_{i:03d}_0000.nii.gz", "x")
+        write_json(root / "labelsTr" / f"liver_{i:03d}.nii.gz", "x")
+    return write_json(root / "dataset.json", {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+                                              "numTraining": n, "file_ending": ".nii.gz"})
+
+
+def test_nnunet_splits_final_fixes_the_folds(tmp_path):
+    path = nnunet_v2_dataset(tmp_path / "Dataset001")
+    splits = [{"train": ["liver_001", "liver_002", "liver_003"], "val": ["liver_000"]},
+              {"train": ["liver_000", "liver_003"], "val": ["liver_001", "liver_002"]}]
+    write_json(path.parent / "splits_final.json", splits)
+    m = load_manifest(path)
+    assert m.folds_source == str(path.parent / "splits_final.json")
+    for k, fold in enumerate(splits):
+        train, val = split_cases(m, fold=k, folds=5)  # the dataset's 2 folds, whatever data.folds says
+        assert [c.name for c in train] == fold["train"] and [c.name for c in val] == fold["val"]
+    assert train[0].image.name == "liver_000_0000.nii.gz"
+    # without --fold the seeded split applies as before
+    assert len(split_cases(m, val_fraction=0.25)[1]) == 1
+    with pytest.raises(UserError, match=r"--fold 2: .*splits_final.json defines 2 fold\(s\), numbered 0..1"):
+        split_cases(m, fold=2)
+
+
+def test_splits_final_naming_unknown_cases_says_which(tmp_path):
+    path = nnunet_v2_dataset(tmp_path / "Dataset001")
+    write_json(path.parent / "splits_final.json", [{"train": ["liver_000", "liver_042"], "val": ["liver_001"]},
+                                                   {"train": ["liver_000"], "val": ["liver_000"]}])
+    m = load_manifest(path)
+    with pytest.raises(UserError, match=r"splits_final.json: fold 0 names 1 case\(s\) .*: liver_042 \(its cases: "
+                                        r"liver_000, liver_001"):
+        split_cases(m, fold=0)
+    with pytest.raises(UserError, match="fold 1 both trains and validates on liver_000"):
+        split_cases(m, fold=1)
+
+
+def test_splits_final_is_read_only_beside_a_dataset_json(tmp_path):
+    path = write_json(tmp_path / "ours.json", msd(5))
+    write_json(tmp_path / "splits_final.json", [{"train": ["liver_0"], "val": ["liver_1"]}])
+    m = load_manifest(path)
+    assert m.folds is None and len(split_cases(m, fold=0, folds=5)[1]) == 1  # the seeded 5 folds
+
+
+@pytest.mark.parametrize("splits, match", [
+    ("[oops", "cannot read the cross-validation splits"),
+    ([], "non-empty list"),
+    ([{"train": ["a"]}], r"fold 0: expected \{\"train\""),
+    ([{"train": ["a", "a"], "val": []}], "fold 0: train: case\\(s\\) listed twice: a"),
+    ([{"train": "a", "val": []}], "fold 0: train: expected a list of case names"),
+])
+def test_malformed_splits_final_is_refused(tmp_path, splits, match):
+    path = nnunet_v2_dataset(tmp_path / "Dataset001", n=2)
+    write_json(path.parent / "splits_final.json", splits)
+    with pytest.raises(UserError, match=match) as info:
+        load_manifest(path)
+    assert "splits_final.json" in str(info.value)
+
+
+def auto3dseg_datalist(folds: list) -> dict:
+    """An Auto3DSeg datalist (with the labels it lacks added): 'fold' per training entry, 'testing'."""
+    return {"labels": {"0": "background", "1": "liver"},
+            "training": [{"fold": k, "image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"}
+                         for i, k in enumerate(folds)],
+            "testing": [{"image": "imagesTs/t0.nii.gz"}]}
+
+
+def test_auto3dseg_datalist_folds(tmp_path):
+    m = load_manifest(write_json(tmp_path / "datalist.json", auto3dseg_datalist([0, 1, 2, 0, 1, 2])))
+    assert [c.name for c in m.test] == ["t0"]
+    assert "'fold' keys" in m.folds_source
+    train, val = split_cases(m, fold=1, folds=5)
+    assert [c.name for c in val] == ["c1", "c4"] and [c.name for c in train] == ["c0", "c2", "c3", "c5"]
+    with pytest.raises(UserError, match=r"--fold 3: .*'fold' keys defines 3 fold\(s\), numbered 0..2"):
+        split_cases(m, fold=3)
+
+
+@pytest.mark.parametrize("folds, match", [
+    ([0, None, 1], r"1 training entry has no 'fold' key \(training\[1\]\)"),
+    ([0, "1", 1], r"training\[1\].fold: expected a fold number"),
+    ([0, True, 1], r"training\[1\].fold: expected a fold number"),
+])
+def test_bad_datalist_folds_are_refused(tmp_path, folds, match):
+    data = auto3dseg_datalist(folds)
+    for entry in data["training"]:
+        if entry["fold"] is None:
+            del entry["fold"]
+    with pytest.raises(UserError, match=match):
+        load_manifest(write_json(tmp_path / "datalist.json", data))
+
+
+def test_folds_given_twice_are_refused(tmp_path):
+    path = write_json(tmp_path / "dataset.json", auto3dseg_datalist([0, 1]))
+    write_json(tmp_path / "splits_final.json", [{"train": ["c0"], "val": ["c1"]}])
+    with pytest.raises(UserError, match="folds are given twice"):
+        load_manifest(path)
+
+
 def test_write_manifest_round_trip(tmp_path):
     out = tmp_path / "data" / "manifest.json"
     training = [Case("a", tmp_path / "data" / "img" / "a.nii.gz", tmp_path / "data" / "lab" / "a.nii.gz"),

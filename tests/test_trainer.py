@@ -352,3 +352,55 @@ def test_train_checkpointing_setting_reaches_the_network(phantoms, tmp_path, mon
     run_training(phantoms, SMOKE, tmp_path / "run", device="cpu",
                  overrides=TINY + ["train.epochs=1", "train.iterations_per_epoch=2", "train.checkpointing=true"])
     assert seen and all(seen)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Returns the logits of a given label map, whatever the input: validation sees known predictions."""
+
+    def __init__(self, labels: np.ndarray, num_classes: int):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(torch.as_tensor(labels).long(), num_classes).permute(3, 0, 1, 2)
+        self.logits = self.logits[None].float() * 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, -1, -1, -1)
+
+
+def test_validation_treats_empty_masks_as_evaluate_does():
+    """A class absent from prediction and label is left out of the mean; predicted where the label has
+    none, it scores 0 (nnU-Net's convention, and `unetpp3d evaluate`'s)."""
+    from types import SimpleNamespace
+
+    from unetpp3d.commands.evaluate import class_means
+    from unetpp3d.config import Config, Preprocessing
+    from unetpp3d.evaluation.metrics import score_arrays
+    from unetpp3d.training.trainer import Trainer
+
+    liver = np.zeros((16, 16, 16), np.int64)
+    liver[2:10, 2:10, 2:10] = 1
+    tumour = liver.copy()
+    tumour[4:6, 4:6, 4:6] = 2
+    # (prediction, label): tumour right; no tumour on either side; tumour predicted where there is none
+    cases = [(tumour, tumour), (liver, liver), (tumour, liver)]
+    prep = Preprocessing(task="liver", labels={"0": "background", "1": "liver", "2": "tumour"},
+                         target_spacing=[1.0, 1.0, 1.0], intensity_range=[-100.0, 200.0],
+                         intensity_stats=[50.0, 50.0], patch_size=[16, 16, 16])
+    per_case = []
+    for pred, label in cases:
+        trainer = Trainer(cfg=Config(task="liver"), prep=prep, net=_FixedLogits(pred, 3), model=None, loss_fn=None,
+                          optimizer=None, scheduler=None, scaler=None, train_loader=None,
+                          val_loader=[{"image": torch.zeros(1, 1, 16, 16, 16),
+                                       "label": torch.as_tensor(label)[None, None]}],
+                          device=torch.device("cpu"), folder=Path("."), split={},
+                          log=SimpleNamespace(class_columns=["dice_liver", "dice_tumour"]))
+        per_case.append(trainer.validate())
+    assert per_case[0]["dice_tumour"] == 1.0
+    assert np.isnan(per_case[1]["dice_tumour"]) and per_case[1]["val_dice"] == 1.0  # left out, not 1
+    assert per_case[2]["dice_tumour"] == 0.0  # a false positive counts
+    # the same cases through evaluate's scoring: the same per-case values and the same means
+    rows = [r for i, (pred, label) in enumerate(cases) for r in score_arrays(pred, label, (1, 1, 1), case=str(i),
+                                                                              labels=[1, 2])]
+    for i, val in enumerate(per_case):
+        tumour_row = next(r for r in rows if r.case == str(i) and r.label == 2)
+        assert np.isnan(tumour_row.dice) if np.isnan(val["dice_tumour"]) else tumour_row.dice == val["dice_tumour"]
+    assert class_means(rows)[2]["Dice"] == pytest.approx(np.nanmean([v["dice_tumour"] for v in per_case])) == 0.5

@@ -21,7 +21,7 @@ from unetpp3d.atomic import atomic_write_text
 from unetpp3d.data.fingerprint import combine_fingerprints
 from unetpp3d.data.manifest import Case, load_manifest
 from unetpp3d.data.validation import _CaseResult, _inspect, default_fingerprint_path
-from unetpp3d.errors import UserError
+from unetpp3d.errors import UserError, exit_status
 
 
 def _range(values: list[float], fmt: str = "{:.4g}") -> str:
@@ -74,7 +74,8 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
         seed: intensity-sampling seed.
 
     Returns:
-        0 when no case has an error, 1 otherwise.
+        The exit status of :func:`unetpp3d.errors.exit_status`: 0 when no case has an error, 2
+        when some case has one (every problem check finds is one the user can fix in the data).
 
     Raises:
         UserError: the manifest itself is unusable, or the fingerprint cannot be written.
@@ -99,7 +100,7 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
     if errors:
         print(f"{len(errors)} error(s) in {len(bad_cases)} case(s); fix them and run the check again "
               "(fingerprint not written)")
-        return 1
+        return exit_status(user_problems=len(bad_cases))
 
     chosen = [(c, r) for c, r in results if r.entry is not None and c.name in labelled_names]
     if not chosen:

@@ -2,26 +2,76 @@
 
 Each command is a thin shell over one module's public function; heavy imports happen inside
 the command so that `unetpp3d --help` is quick. A :class:`UserError` is printed as one line,
-without a traceback, and the process exits with status 2.
+without a traceback, and the process exits with status 2. Options with a fixed set of values
+are choices that click checks, and lists in ``--help``, before any command code runs.
+
+Exit status, the same for every command (:func:`unetpp3d.errors.exit_status`): 0 all done; 2 a
+problem the user can fix (a bad flag, manifest, config value or input file), also when it hits
+only some cases of a batch; 1 some case failed for another reason (1 wins over 2); 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from unetpp3d.errors import UserError
+from unetpp3d import __version__
+from unetpp3d.data.manifest import TASKS
+from unetpp3d.errors import EXIT_USER, UserError
 from unetpp3d.hardware import keep_freed_memory
+
+EXIT_STATUS_HELP = ("Exit status: 0 all done; 2 a problem you can fix (a bad flag, manifest, config value or input "
+                    "file), also when it hits only some cases of a batch; 1 some case failed for another reason.")
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="3D UNet++ segmentation of CT scans (liver, lung nodules). Research software, not a medical device.",
+    epilog=EXIT_STATUS_HELP,
 )
+
+# The tasks as a choice: click refuses another value, and --help lists them.
+Task = Enum("Task", {t: t for t in TASKS}, type=str)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"unetpp3d {__version__}")
+        raise typer.Exit()
+
+
+def device_option(value: Optional[str]) -> Optional[str]:
+    """Check a ``--device`` value before anything loads; ``gpu`` and ``gpu:N`` mean ``cuda``.
+
+    Args:
+        value: ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``gpu:N`` (any case), or None for the default.
+
+    Returns:
+        The value as PyTorch names it (``cpu``, ``cuda`` or ``cuda:N``), or None.
+
+    Raises:
+        typer.BadParameter: anything else (click reports it as a usage error, exit status 2).
+    """
+    if value is None:
+        return None
+    match = re.fullmatch(r"(cpu|cuda|gpu)(:\d+)?", value.strip().lower())
+    if not match or (match.group(1) == "cpu" and match.group(2)):
+        raise typer.BadParameter(f"{value!r} is not a device; use cpu, cuda, cuda:N or gpu (= cuda)")
+    return f"cuda{match.group(2) or ''}" if match.group(1) == "gpu" else match.group(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    pass  # the app's own options; each command does the work
 
 
 @app.command()
@@ -38,7 +88,7 @@ def check(
 
 @app.command()
 def synth(
-    task: str = typer.Option("liver", help="liver or lung_nodule."),
+    task: Task = typer.Option("liver", help="Which phantoms: abdominal (liver) or chest (lung nodules)."),
     cases: int = typer.Option(8, help="Number of phantoms."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (NIfTI files plus manifest.json)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same phantoms."),
@@ -48,8 +98,9 @@ def synth(
     """Write synthetic CT phantoms with labels and a manifest."""
     from unetpp3d.synth.phantom import write_dataset
 
-    path = write_dataset(task=task, n_cases=cases, out_dir=out, seed=seed, size=size, random_geometry=random_geometry)
-    typer.echo(f"wrote {cases} {task} phantoms and {path}")
+    path = write_dataset(task=task.value, n_cases=cases, out_dir=out, seed=seed, size=size,
+                         random_geometry=random_geometry)
+    typer.echo(f"wrote {cases} {task.value} phantoms and {path}")
 
 
 @app.command()
@@ -60,8 +111,11 @@ def train(
     resume: bool = typer.Option(False, help="Continue from OUT/last.pt."),
     force: bool = typer.Option(False, help="Overwrite an existing run folder."),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
-    device: Optional[str] = typer.Option(None, help="cuda, cpu or cuda:N (default: cuda when available)."),
-    fold: Optional[int] = typer.Option(None, help="Cross-validation fold (0-based) when the manifest has no validation list."),
+    device: Optional[str] = typer.Option(None, callback=device_option,
+                                         help="cpu, cuda, cuda:N or gpu (= cuda) (default: cuda when available)."),
+    fold: Optional[int] = typer.Option(None, help="Cross-validation fold (0-based) when the manifest has no validation "
+                                                  "list: the dataset's own folds (nnU-Net splits_final.json beside a "
+                                                  "dataset.json, Auto3DSeg 'fold' keys), else seeded data.folds."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, e.g. --set train.lr=0.001 (repeatable)."),
 ) -> None:
     """Train a 3D UNet++ on the cases of a manifest."""
@@ -104,10 +158,16 @@ def infer(
 def evaluate(
     pred: Path = typer.Option(..., help="Predicted masks: a file, a folder or a manifest."),
     ref: Path = typer.Option(..., help="Reference masks: a file, a folder or a manifest."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV of per-case metrics (a summary is printed)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder receiving evaluation.csv (per case and "
+                                                                  "label) and summary.json (default: the current "
+                                                                  "folder)."),
     tolerance_mm: float = typer.Option(2.0, help="Tolerance of the surface Dice, in mm."),
 ) -> None:
-    """Score predicted masks against references: Dice, IoU, HD95, surface Dice, volumes, detections."""
+    """Score predicted masks against references: Dice, IoU, HD95, surface Dice, volumes, detections.
+
+    A label absent from both prediction and reference has no Dice (null) and is left out of the
+    means, as in nnU-Net and in training validation.
+    """
     from unetpp3d.commands.evaluate import run_evaluation
 
     raise typer.Exit(run_evaluation(pred=pred, ref=ref, out=out, tolerance_mm=tolerance_mm))
@@ -129,7 +189,8 @@ def export_bundle(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Where the demo writes everything."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, callback=device_option,
+                                         help="cpu, cuda or gpu (= cuda) (default: cuda when available)."),
 ) -> None:
     """Train a small UNet++ on synthetic abdominal phantoms, segment held-out ones, print the Dice."""
     from unetpp3d.commands.demo import run_demo
@@ -138,14 +199,17 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    """Console entry point: run the app, turning user errors into one line and exit status 2.
+
+    Exit status: see :func:`unetpp3d.errors.exit_status` and this module's docstring.
+    """
     keep_freed_memory()  # large CPU activations reuse memory instead of fresh pages (see hardware.py)
     try:
         # Standalone mode lets click report usage errors itself (exit status 2) and exit.
         app(args=argv, prog_name="unetpp3d")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_USER)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -3,15 +3,25 @@
 Predictions and references are matched by case name (the file name without its image
 suffixes, or a manifest's case name). Per case and per foreground label it reports:
 
-* Dice and IoU (both 1 when prediction and reference are empty);
+* Dice and IoU;
 * the 95th-percentile Hausdorff distance and the surface Dice at ``tolerance_mm``, both in mm,
-  from MONAI's ``compute_hausdorff_distance`` and ``compute_surface_dice`` given the voxel spacing
-  (HD95 is nan, with a note, when either mask is empty; surface Dice is then 1 if both are
-  empty, else 0);
+  from MONAI's ``compute_hausdorff_distance`` and ``compute_surface_dice`` given the voxel spacing;
 * predicted and reference volume (mL) and their difference (mL and % of the reference);
 * detection counts over 26-connected components: a reference component is a hit (TP) when any
   predicted component overlaps it, else a miss (FN); a predicted component that overlaps no
   reference component is a false positive (FP).
+
+The labels scored are those found in any prediction or reference; a case lacking one of them on
+both sides gets a row for it all the same, so that every case has the same labels.
+
+Empty masks follow nnU-Net's convention, the same as training validation (see
+:mod:`unetpp3d.evaluation.metrics`): a class absent from both prediction and reference has no
+Dice, IoU, HD95 or surface Dice (NaN in the CSV, ``null`` in ``summary.json``) and is left out
+of the means; absent from one side only, it scores 0 (HD95 undefined).
+
+The results go into an output folder (``--out``, default the current folder), never beside the
+masks read: ``evaluation.csv`` (one row per case and label) and ``summary.json`` (per case and
+label, the mean per label and the mean over labels, in the spirit of nnU-Net's).
 
 A prediction must lie on its reference's grid (within ``readers.GRID_TOL`` of a voxel). A
 reference stored with its axes in another order or direction but covering the same voxels is
@@ -23,18 +33,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from unetpp3d import __version__
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.data.manifest import case_name, load_manifest
-from unetpp3d.errors import UserError
-from unetpp3d.evaluation.metrics import CaseMetrics, evaluate_case
+from unetpp3d.errors import UserError, exit_status
+from unetpp3d.evaluation.metrics import CaseMetrics, both_empty_row, evaluate_case
 
 log = logging.getLogger("unetpp3d")
 
@@ -44,6 +57,28 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 MANIFEST_SUFFIXES = (".json",)
 
+TABLE_NAME, SUMMARY_NAME = "evaluation.csv", "summary.json"
+
+# summary.json's metric names (nnU-Net's where it has one) -> CaseMetrics field, and what each is.
+METRICS = {
+    "Dice": ("dice", "Dice overlap, 2|P∩R| / (|P| + |R|)"),
+    "IoU": ("iou", "intersection over union, |P∩R| / |P∪R|"),
+    "HD95_mm": ("hd95_mm", "95th-percentile symmetric Hausdorff distance between the surfaces, mm"),
+    "surface_Dice": ("surface_dice", "normalised surface Dice at tolerance_mm (MONAI compute_surface_dice)"),
+    "pred_mL": ("pred_ml", "predicted volume, mL"),
+    "ref_mL": ("ref_ml", "reference volume, mL"),
+    "volume_diff_mL": ("volume_diff_ml", "predicted minus reference volume, mL"),
+    "volume_diff_pct": ("volume_diff_pct", "volume difference in % of the reference volume"),
+    "detection_TP": ("tp", "reference components (26-connected) overlapped by the prediction"),
+    "detection_FP": ("fp", "predicted components overlapping no reference component"),
+    "detection_FN": ("fn", "reference components the prediction misses"),
+}
+
+EMPTY_CONVENTION = ("a label absent from both prediction and reference has no Dice, IoU, HD95 or surface Dice "
+                    "(null) and is left out of the means ('undefined' counts them); absent from one side only, "
+                    "Dice, IoU and surface Dice are 0 and HD95 is null (nnU-Net's convention; training "
+                    "validation uses the same)")
+
 
 def collect_masks(source: str | Path, role: str) -> dict[str, Path]:
     """Map case names to mask files for a file, a folder of masks or a manifest's labels.
@@ -52,6 +87,9 @@ def collect_masks(source: str | Path, role: str) -> dict[str, Path]:
         source: a mask file, a folder of mask files, or a manifest (its cases' ``label`` paths,
             test list first).
         role: "prediction" or "reference", used in messages.
+
+    Returns:
+        Case name -> mask path.
 
     Raises:
         UserError: the path does not exist or holds no masks.
@@ -91,7 +129,7 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, rows: list[CaseMetrics]) -> None:
+def _csv_text(rows: list[CaseMetrics]) -> str:
     buf = io.StringIO()
     fields = list(CaseMetrics.__dataclass_fields__)
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -102,30 +140,144 @@ def _write_csv(path: Path, rows: list[CaseMetrics]) -> None:
             if isinstance(value, float):
                 record[key] = "nan" if math.isnan(value) else round(value, 6)
         writer.writerow(record)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _json_value(value: float | int) -> float | int | None:
+    # Strict JSON has no NaN: undefined is null.
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    return value
+
+
+def _mean(values: list[float]) -> tuple[float, int]:
+    """The mean of the defined values, and how many were undefined (NaN)."""
+    defined = [v for v in values if not math.isnan(v)]
+    return (float(np.mean(defined)) if defined else math.nan), len(values) - len(defined)
+
+
+def class_means(rows: list[CaseMetrics]) -> dict[int, dict[str, Any]]:
+    """Per label: the mean of each metric over the cases where it is defined, the number of cases
+    and, per metric, how many cases were left out as undefined.
+
+    Args:
+        rows: per-case rows of :func:`~unetpp3d.evaluation.metrics.score_arrays`.
+
+    Returns:
+        label -> ``{metric name: mean (NaN when no case defines it), "cases": n,
+        "undefined": {metric name: count}}`` with the names of :data:`METRICS`.
+    """
+    means: dict[int, dict[str, Any]] = {}
+    for label in sorted({r.label for r in rows}):
+        sel = [r for r in rows if r.label == label]
+        entry: dict[str, Any] = {}
+        undefined = {}
+        for name, (field, _) in METRICS.items():
+            entry[name], n_undefined = _mean([float(getattr(r, field)) for r in sel])
+            if n_undefined:
+                undefined[name] = n_undefined
+        entry["cases"] = len(sel)
+        entry["undefined"] = undefined
+        means[label] = entry
+    return means
+
+
+def _summary(rows: list[CaseMetrics], files: dict[str, tuple[Path, Path]], tolerance_mm: float, pred: Path, ref: Path,
+             failed: list[tuple[str, str]], unmatched_pred: list[str], unmatched_ref: list[str]) -> dict[str, Any]:
+    per_case: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = per_case.setdefault(r.case, {"case": r.case, "prediction_file": str(files[r.case][0]),
+                                             "reference_file": str(files[r.case][1]), "metrics": {}})
+        entry["metrics"][str(r.label)] = {name: _json_value(getattr(r, field)) for name, (field, _) in METRICS.items()}
+    means = class_means(rows)
+    foreground = {}
+    for name in METRICS:
+        foreground[name] = _json_value(_mean([m[name] for m in means.values()])[0])
+    return {
+        "tool": f"unetpp3d evaluate {__version__}",
+        "prediction": str(pred),
+        "reference": str(ref),
+        "tolerance_mm": float(tolerance_mm),
+        "metrics": {name: text for name, (_, text) in METRICS.items()},
+        "empty_masks": EMPTY_CONVENTION,
+        "metric_per_case": list(per_case.values()),
+        "mean": {str(label): {**{k: _json_value(v) for k, v in m.items() if k in METRICS},
+                              "cases": m["cases"], "undefined": m["undefined"]} for label, m in means.items()},
+        "foreground_mean": foreground,
+        "failed": [{"case": name, "error": msg} for name, msg in failed],
+        "predictions_without_reference": unmatched_pred,
+        "references_without_prediction": unmatched_ref,
+    }
+
+
+def _every_label_in_every_case(rows: list[CaseMetrics], tolerance_mm: float) -> list[CaseMetrics]:
+    # score_arrays rows a case's labels only; a label found elsewhere is absent from both sides here.
+    labels = sorted({r.label for r in rows})
+    by_case: dict[str, dict[int, CaseMetrics]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.label] = r
+    return [by_case[case].get(label) or both_empty_row(case, label, tolerance_mm)
+            for case in by_case for label in labels]
+
+
+def _out_folder(out: str | Path | None) -> Path:
+    folder = Path(out) if out is not None else Path.cwd()
+    if folder.suffix.lower() in (".csv", ".json"):
+        raise UserError(f"--out {folder}: names a file, but --out takes a folder: evaluate writes {TABLE_NAME} and "
+                        f"{SUMMARY_NAME} into it (e.g. --out {folder.with_suffix('')})")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder}: exists and is not a folder; pick another --out")
+    return folder
+
+
+def _printed(rows: list[CaseMetrics], tolerance_mm: float) -> list[str]:
+    table = [["case", "label", "Dice", "IoU", "HD95 mm", f"NSD@{tolerance_mm:g}mm", "pred mL", "ref mL", "ΔV %",
+              "TP", "FP", "FN", "note"]]
+    for r in rows:
+        table.append([r.case, str(r.label), _fmt(r.dice), _fmt(r.iou), _fmt(r.hd95_mm, 2), _fmt(r.surface_dice),
+                      _fmt(r.pred_ml, 2), _fmt(r.ref_ml, 2), _fmt(r.volume_diff_pct, 1), str(r.tp), str(r.fp),
+                      str(r.fn), r.note])
+    lines = [_table(table)]
+    for label, m in class_means(rows).items():
+        sel = [r for r in rows if r.label == label]
+        tp, fp, fn = (sum(getattr(r, k) for r in sel) for k in ("tp", "fp", "fn"))
+
+        def mean(name: str, digits: int = 4, unit: str = "") -> str:
+            undefined = m["undefined"].get(name, 0)
+            return f"{_fmt(m[name], digits)}{unit}{f' ({undefined} undefined)' if undefined else ''}"
+
+        lines.append(f"label {label}: {m['cases']} case(s), mean Dice {mean('Dice')}, mean IoU {mean('IoU')}, "
+                     f"mean HD95 {mean('HD95_mm', 2, ' mm')}, mean surface Dice {mean('surface_Dice')}; "
+                     f"detections TP {tp}, FP {fp}, FN {fn}")
+    return lines
 
 
 def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = None,
                    tolerance_mm: float = 2.0) -> int:
-    """Score every prediction that has a reference, write a CSV and print a summary.
+    """Score every prediction that has a reference, write the table and summary, print a summary.
 
     Args:
         pred: predicted masks: a file, a folder (``<case>.nii.gz`` …) or a manifest.
         ref: reference masks: a file, a folder or a manifest (its cases' labels).
-        out: the CSV to write, one row per case and label (default: ``evaluation.csv`` in the
-            prediction folder, or beside the prediction file).
+        out: the folder receiving ``evaluation.csv`` (one row per case and label) and
+            ``summary.json``; default the current folder, never the masks' own folders (which
+            may be read-only or shared). Created when missing.
         tolerance_mm: tolerance of the surface Dice in mm.
 
     Returns:
-        0 when every matched case was scored, 1 when some case could not be (each is reported).
+        The exit status of :func:`unetpp3d.errors.exit_status`: 0 when every matched case was
+        scored, 2 when some case could not be for a reason the user can fix (an unreadable mask,
+        a prediction off its reference's grid), 1 when some case failed otherwise. Each failed
+        case is reported; the others are scored and written.
 
     Raises:
-        UserError: nothing matches, the tolerance is not positive, or (for one file against one
-            file) the masks cannot be read or do not share a grid.
+        UserError: nothing matches, the tolerance is not positive, ``out`` is not a folder, or
+            (for one file against one file) the masks cannot be read or do not share a grid.
     """
     pred, ref = Path(pred), Path(ref)
     if not tolerance_mm > 0:
         raise UserError(f"--tolerance-mm must be positive, got {tolerance_mm}")
+    folder = _out_folder(out)
     preds = collect_masks(pred, "prediction")
     refs = collect_masks(ref, "reference")
     single = pred.is_file() and ref.is_file() and len(preds) == 1 and len(refs) == 1 \
@@ -142,7 +294,8 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = N
     unmatched_ref = [] if single else sorted(set(refs) - set(preds))
 
     rows: list[CaseMetrics] = []
-    failed: list[tuple[str, str]] = []
+    user_failed: list[tuple[str, str]] = []
+    other_failed: list[tuple[str, str]] = []
     for name, pred_path, ref_path in pairs:
         start = time.perf_counter()
         try:
@@ -150,38 +303,26 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = N
         except UserError as exc:
             if single:
                 raise
-            failed.append((name, str(exc)))
+            user_failed.append((name, str(exc)))
             log.error("%s: %s", name, exc)
+            continue
+        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+            # Not a user mistake we recognised: keep the traceback in the log, score the others.
+            log.exception("%s: failed", name)
+            other_failed.append((name, f"{type(exc).__name__}: {exc}"))
             continue
         log.info("%s: scored in %.1f s", name, time.perf_counter() - start)
 
-    if out is None:
-        out = (pred if pred.is_dir() else pred.parent) / "evaluation.csv"
-    out = Path(out)
-    if rows:
-        _write_csv(out, rows)
+    rows = _every_label_in_every_case(rows, tolerance_mm)
+    failed = user_failed + other_failed
+    files = {name: (pred_path, ref_path) for name, pred_path, ref_path in pairs}
+    summary = _summary(rows, files, tolerance_mm, pred, ref, failed, unmatched_pred, unmatched_ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / TABLE_NAME, _csv_text(rows))
+    atomic_write_text(folder / SUMMARY_NAME, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
-    table = [["case", "label", "Dice", "IoU", "HD95 mm", f"NSD@{tolerance_mm:g}mm", "pred mL", "ref mL", "ΔV %",
-              "TP", "FP", "FN", "note"]]
-    for r in rows:
-        table.append([r.case, str(r.label), _fmt(r.dice), _fmt(r.iou), _fmt(r.hd95_mm, 2), _fmt(r.surface_dice),
-                      _fmt(r.pred_ml, 2), _fmt(r.ref_ml, 2), _fmt(r.volume_diff_pct, 1), str(r.tp), str(r.fp),
-                      str(r.fn), r.note])
-    lines = []
-    if rows:
-        lines.append(_table(table))
-        for label in sorted({r.label for r in rows}):
-            sel = [r for r in rows if r.label == label]
-            hd = [r.hd95_mm for r in sel if not math.isnan(r.hd95_mm)]
-            tp, fp, fn = (sum(getattr(r, k) for r in sel) for k in ("tp", "fp", "fn"))
-            lines.append(
-                f"label {label}: {len(sel)} case(s), mean Dice {np.mean([r.dice for r in sel]):.4f}, "
-                f"mean IoU {np.mean([r.iou for r in sel]):.4f}, "
-                f"mean HD95 {_fmt(float(np.mean(hd)) if hd else math.nan, 2)} mm"
-                f"{f' ({len(sel) - len(hd)} undefined)' if len(hd) < len(sel) else ''}, "
-                f"mean surface Dice {np.mean([r.surface_dice for r in sel]):.4f}; detections TP {tp}, FP {fp}, FN {fn}"
-            )
-        lines.append(f"per-case metrics written to {out}")
+    lines = _printed(rows, tolerance_mm) if rows else []
+    lines.append(f"per-case metrics written to {folder / TABLE_NAME}, summary to {folder / SUMMARY_NAME}")
     for name, msg in failed:
         lines.append(f"FAILED {name}: {msg}")
     if unmatched_pred:
@@ -189,4 +330,4 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = N
     if unmatched_ref:
         lines.append(f"{len(unmatched_ref)} reference(s) without a prediction: {', '.join(unmatched_ref)}")
     print("\n".join(lines))
-    return 1 if failed else 0
+    return exit_status(len(user_failed), len(other_failed))

@@ -9,6 +9,11 @@ Two JSON forms are read (see ``data_manifests/README.md``):
 * our own form, the same plus an optional ``task`` (``"liver"`` or ``"lung_nodule"``) and an
   optional ``validation`` list of ``{"image", "label"}`` entries that fixes the split.
 
+Cross-validation folds fixed elsewhere are read too, so that ``--fold K`` trains on the same
+cases as the other tool did: nnU-Net v2's ``splits_final.json`` beside a ``dataset.json`` (a
+list of ``{"train": [...], "val": [...]}``, one per fold, naming cases), and the ``fold`` key of
+each training entry of an Auto3DSeg datalist (whose ``testing`` list is read as ``test``).
+
 Paths are relative to the folder holding the manifest. Images may be NIfTI, NRRD, MHA/MHD files
 or DICOM series folders. A case is named after its image file (``liver_3`` for
 ``imagesTr/liver_3.nii.gz``) unless its entry gives a ``"name"``.
@@ -31,6 +36,8 @@ from unetpp3d.errors import UserError
 
 TASKS = ("liver", "lung_nodule")
 
+SPLITS_FILE = "splits_final.json"  # nnU-Net v2's name, read beside a manifest named dataset.json
+
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -50,6 +57,14 @@ class Case:
     label: Path | None = None
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One cross-validation fold fixed by the dataset: case names to train on and to validate on."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+
 @dataclass
 class Manifest:
     """A loaded manifest.
@@ -62,6 +77,9 @@ class Manifest:
         training: labelled cases to train on (and to split, when there is no validation list).
         validation: labelled cases fixed for validation, or None to split ``training``.
         test: cases without labels, for inference.
+        folds: cross-validation folds fixed by the dataset (fold number -> training and
+            validation case names), or None when ``split_cases`` draws them.
+        folds_source: where ``folds`` came from, for messages and logs.
     """
 
     path: Path
@@ -71,6 +89,8 @@ class Manifest:
     training: list[Case]
     validation: list[Case] | None = None
     test: list[Case] = field(default_factory=list)
+    folds: dict[int, Fold] | None = None
+    folds_source: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +191,50 @@ def _discover_nnunet_v2(data: dict, root: Path, where: str) -> list[Case]:
     return cases
 
 
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise UserError(f"{where}: expected a list of case names, got {value!r}")
+    if len(set(value)) != len(value):
+        twice = sorted({v for v in value if value.count(v) > 1})
+        raise UserError(f"{where}: case(s) listed twice: {', '.join(twice)}")
+    return tuple(value)
+
+
+def _read_splits_final(path: Path) -> dict[int, Fold]:
+    """nnU-Net v2's ``splits_final.json``: ``[{"train": [names], "val": [names]}, ...]``, fold k at index k."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{path}: cannot read the cross-validation splits ({exc}); fix or remove the file") from None
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path}: expected a non-empty list of {{\"train\": [...], \"val\": [...]}}, one per fold")
+    folds = {}
+    for k, entry in enumerate(data):
+        if not isinstance(entry, dict) or set(entry) != {"train", "val"}:
+            raise UserError(f"{path}: fold {k}: expected {{\"train\": [...], \"val\": [...]}}, got {entry!r:.200}")
+        folds[k] = Fold(_names(entry["train"], f"{path}: fold {k}: train"),
+                        _names(entry["val"], f"{path}: fold {k}: val"))
+    return folds
+
+
+def _datalist_folds(entries: list, cases: list[Case], where: str) -> dict[int, Fold] | None:
+    """An Auto3DSeg datalist's ``"fold": k`` keys: fold k validates on the entries marked k, trains on the rest."""
+    marks = [e.get("fold") if isinstance(e, dict) else None for e in entries]
+    if all(m is None for m in marks):
+        return None
+    unmarked = [i for i, m in enumerate(marks) if m is None]
+    if unmarked:
+        listed = ", ".join(f"training[{i}]" for i in unmarked[:5]) + (" …" if len(unmarked) > 5 else "")
+        raise UserError(f"{where}: {len(unmarked)} training entr{'y has' if len(unmarked) == 1 else 'ies have'} no "
+                        f"'fold' key ({listed}) while others have one; give every entry a fold or none")
+    for i, m in enumerate(marks):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise UserError(f"{where}: training[{i}].fold: expected a fold number 0, 1, …, got {m!r}")
+    return {k: Fold(tuple(c.name for c, m in zip(cases, marks) if m != k),
+                    tuple(c.name for c, m in zip(cases, marks) if m == k))
+            for k in sorted(set(marks))}
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest (MSD/nnU-Net ``dataset.json`` or our form) and check its structure.
 
@@ -185,7 +249,9 @@ def load_manifest(path: str | Path) -> Manifest:
 
     Raises:
         UserError: missing or invalid JSON, missing keys, bad labels, an unknown task, more than
-            one channel, or duplicate case names or files.
+            one channel, duplicate case names or files, or malformed folds (``splits_final.json``
+            or datalist ``fold`` keys; whether a fold names known cases is checked by
+            :func:`split_cases`, for the fold asked for).
     """
     path = Path(path)
     if not path.is_file():
@@ -218,7 +284,9 @@ def load_manifest(path: str | Path) -> Manifest:
         raise UserError(f"{where}: missing key 'training' (a list of {{\"image\": ..., \"label\": ...}})")
     validation = (_cases(data["validation"], root, f"{where}: validation", need_label=True)
                   if data.get("validation") is not None else None)
-    test = _cases(data.get("test") or [], root, f"{where}: test", need_label=False)
+    # Auto3DSeg datalists call the unlabelled cases "testing".
+    test_key = "test" if "test" in data else "testing"
+    test = _cases(data.get(test_key) or [], root, f"{where}: {test_key}", need_label=False)
     if not training and not validation and not test:
         raise UserError(f"{where}: lists no cases")
 
@@ -236,15 +304,29 @@ def load_manifest(path: str | Path) -> Manifest:
             if f in seen_files:
                 raise UserError(f"{where}: file {f} is listed twice (cases {seen_files[f]!r} and {case.name!r})")
             seen_files[f] = case.name
+
+    folds, folds_source = None, None
+    if "training" in data:
+        folds = _datalist_folds(data["training"], training, where)
+        folds_source = f"{where}: the training entries' 'fold' keys" if folds else None
+    splits = path.parent / SPLITS_FILE
+    if path.name == "dataset.json" and splits.is_file():
+        if folds:
+            raise UserError(f"{where}: folds are given twice, by its entries' 'fold' keys and by {splits}; "
+                            "keep one of them")
+        folds, folds_source = _read_splits_final(splits), str(splits)
     return Manifest(path=path, root=root, task=task, labels=labels, training=training, validation=validation,
-                    test=test)
+                    test=test, folds=folds, folds_source=folds_source)
 
 
 def split_cases(manifest: Manifest, fold: int | None = None, folds: int = 5, val_fraction: float = 0.2,
                 seed: int = 0) -> tuple[list[Case], list[Case]]:
     """Split labelled cases into training and validation.
 
-    The manifest's own ``validation`` list wins when present. Otherwise the training cases are
+    The manifest's own ``validation`` list wins when present. With ``fold`` given and folds
+    fixed by the dataset (``manifest.folds``: nnU-Net's ``splits_final.json`` or an Auto3DSeg
+    datalist's ``fold`` keys) those folds are used, whatever ``folds`` says; training cases a
+    fold does not name are left out of it, as in nnU-Net. Otherwise the training cases are
     shuffled with ``seed`` (from their sorted names, so the split does not depend on the order
     of the manifest) and either split into ``folds`` parts with part ``fold`` held out, or, with
     ``fold=None``, a ``val_fraction`` share is held out (at least one case when there are two or
@@ -255,13 +337,17 @@ def split_cases(manifest: Manifest, fold: int | None = None, folds: int = 5, val
 
     Raises:
         UserError: ``fold`` given with a manifest that fixes its validation cases, ``fold``
-            outside ``0..folds-1``, or fewer cases than folds.
+            outside the dataset's folds or ``0..folds-1``, a fixed fold naming cases the
+            manifest's training list lacks or naming a case on both sides, or fewer cases than
+            folds.
     """
     if manifest.validation is not None:
         if fold is not None:
             raise UserError(f"{manifest.path}: the manifest fixes its validation cases, so --fold does not apply; "
                             "remove the 'validation' list to cross-validate")
         return list(manifest.training), list(manifest.validation)
+    if fold is not None and manifest.folds is not None:
+        return _fixed_fold(manifest, fold)
     cases = sorted(manifest.training, key=lambda c: c.name)
     random.Random(seed).shuffle(cases)
     if fold is not None:
@@ -280,6 +366,31 @@ def split_cases(manifest: Manifest, fold: int | None = None, folds: int = 5, val
     if val_fraction > 0 and len(cases) >= 2:
         n_val = min(max(n_val, 1), len(cases) - 1)
     return cases[n_val:], cases[:n_val]
+
+
+def _fixed_fold(manifest: Manifest, fold: int) -> tuple[list[Case], list[Case]]:
+    assert manifest.folds is not None
+    source = manifest.folds_source
+    numbers = sorted(manifest.folds)
+    if fold not in manifest.folds:
+        have = (f"0..{numbers[-1]}" if numbers == list(range(len(numbers)))
+                else ", ".join(map(str, numbers)))
+        raise UserError(f"--fold {fold}: {source} defines {len(numbers)} fold(s), numbered {have}; "
+                        "pick one of those")
+    chosen = manifest.folds[fold]
+    by_name = {c.name: c for c in manifest.training}
+    unknown = [n for n in (*chosen.train, *chosen.val) if n not in by_name]
+    if unknown:
+        known = sorted(by_name)
+        raise UserError(f"{source}: fold {fold} names {len(unknown)} case(s) that {manifest.path} does not list "
+                        f"for training: {', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''} (its cases: "
+                        f"{', '.join(known[:5])}{' …' if len(known) > 5 else ''}); regenerate the splits for this "
+                        "dataset or fix the case names")
+    both = sorted(set(chosen.train) & set(chosen.val))
+    if both:
+        raise UserError(f"{source}: fold {fold} both trains and validates on {', '.join(both[:5])}"
+                        f"{' …' if len(both) > 5 else ''}; a case belongs on one side")
+    return [by_name[n] for n in chosen.train], [by_name[n] for n in chosen.val]
 
 
 def _entry(root: Path, case: Case | Sequence | str) -> dict[str, str]:

@@ -1,4 +1,17 @@
-"""Per-case segmentation metrics: Dice, IoU, HD95, surface Dice, volumes and detections."""
+"""Per-case segmentation metrics: Dice, IoU, HD95, surface Dice, volumes and detections.
+
+Empty masks follow one convention, nnU-Net's, here and in training validation
+(:func:`dice_per_class`, which :meth:`unetpp3d.training.trainer.Trainer.validate` uses):
+
+* prediction and reference both empty for a class: Dice, IoU and surface Dice are undefined
+  (NaN, ``null`` in ``summary.json``) and left out of every mean, with the number left out
+  reported beside the mean. A case with no tumour and no tumour predicted says nothing about
+  how well tumours are segmented; counting it as 1 (MONAI's ``ignore_empty=False``) would
+  inflate the mean by the share of such cases;
+* only one of them empty: Dice, IoU and surface Dice are 0, so false positives on a case
+  without the class do count (MONAI's ``ignore_empty=True`` would drop them);
+* HD95 is undefined (NaN) whenever either mask is empty.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
 from unetpp3d.data.manifest import case_name
@@ -40,6 +54,26 @@ class CaseMetrics:
     note: str = ""
 
 
+def dice_per_class(pred_onehot: torch.Tensor, ref_onehot: torch.Tensor) -> torch.Tensor:
+    """Dice of each case and foreground class, NaN where prediction and reference are both empty.
+
+    MONAI's ``compute_dice`` with ``ignore_empty=False`` (0 when only one side is empty), with the
+    both-empty entries set to NaN: the convention of this module (see its docstring), shared by
+    training validation and ``unetpp3d evaluate``.
+
+    Args:
+        pred_onehot: one-hot prediction ``(B, C, *spatial)``, channel 0 the background.
+        ref_onehot: one-hot reference, same shape.
+
+    Returns:
+        ``(B, C - 1)`` float tensor.
+    """
+    dice = compute_dice(pred_onehot, ref_onehot, include_background=False, ignore_empty=False)
+    spatial = tuple(range(2, pred_onehot.ndim))
+    both_empty = (pred_onehot[:, 1:].sum(spatial) == 0) & (ref_onehot[:, 1:].sum(spatial) == 0)
+    return torch.where(both_empty, torch.nan, dice)
+
+
 def _bbox(binary: np.ndarray, margin: int) -> tuple[slice, ...]:
     box = []
     for axis in range(3):
@@ -51,8 +85,6 @@ def _bbox(binary: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 def _surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: list[float],
                      tolerance_mm: float) -> tuple[float, float]:
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
-
     # Distances only depend on the masks' neighbourhood: a crop with a margin keeps every edge.
     box = _bbox(pred | ref, margin=2)
     p, r = pred[box], ref[box]
@@ -76,6 +108,14 @@ def _detections(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int]:
     return tp, int(fp), int(n_ref - tp)
 
 
+def both_empty_row(case: str, label: int, tolerance_mm: float) -> CaseMetrics:
+    """The row of a label absent from both prediction and reference: every score undefined."""
+    return CaseMetrics(case=case, label=int(label), dice=math.nan, iou=math.nan, hd95_mm=math.nan,
+                       surface_dice=math.nan, tolerance_mm=float(tolerance_mm), pred_ml=0.0, ref_ml=0.0,
+                       volume_diff_ml=0.0, volume_diff_pct=math.nan, tp=0, fp=0, fn=0,
+                       note="both empty: Dice, IoU, HD95 and surface Dice undefined, left out of the means")
+
+
 def score_arrays(pred_xyz: np.ndarray, ref_xyz: np.ndarray, spacing: list[float] | tuple[float, ...],
                  tolerance_mm: float = 2.0, case: str = "", labels: list[int] | None = None) -> list[CaseMetrics]:
     """Score two label maps on the same grid, one :class:`CaseMetrics` per foreground label.
@@ -88,6 +128,9 @@ def score_arrays(pred_xyz: np.ndarray, ref_xyz: np.ndarray, spacing: list[float]
         case: the case name recorded in each row.
         labels: labels to score (default: every non-zero label in either map, or label 1 when
             both are empty).
+
+    Returns:
+        One row per label; for empty masks see the convention in this module's docstring.
     """
     if pred_xyz.shape != ref_xyz.shape:
         raise ValueError(f"prediction {pred_xyz.shape} and reference {ref_xyz.shape} differ in shape")
@@ -104,10 +147,9 @@ def score_arrays(pred_xyz: np.ndarray, ref_xyz: np.ndarray, spacing: list[float]
         union = n_p + n_r - inter
         note = ""
         if n_p == 0 and n_r == 0:
-            dice = iou = nsd = 1.0
-            hd95 = math.nan
-            note = "both empty: Dice, IoU and surface Dice are 1, HD95 undefined"
-        elif n_p == 0 or n_r == 0:
+            rows.append(both_empty_row(case, label, tolerance_mm))
+            continue
+        if n_p == 0 or n_r == 0:
             dice = iou = nsd = 0.0
             hd95 = math.nan
             note = f"{'prediction' if n_p == 0 else 'reference'} empty: HD95 undefined"

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from tqdm import tqdm
 
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.data.loader import derive_seed
 from unetpp3d.data.transforms import pad_value
+from unetpp3d.evaluation.metrics import dice_per_class
 from unetpp3d.model.checkpoint import save_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.training.distributed import Dist
@@ -116,9 +116,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Sliding-window Dice per foreground class on whole validation volumes, over all ranks."""
+        """Sliding-window Dice per foreground class on whole validation volumes, over all ranks.
+
+        Empty masks follow ``unetpp3d evaluate``'s convention (:func:`dice_per_class`): a class
+        absent from both prediction and label is left out of its mean; predicted where the label
+        has none, it scores 0.
+        """
         self.net.eval()
-        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         n_fg = self.prep.num_classes - 1
         sums = torch.zeros(n_fg, dtype=torch.float64, device=self.device)
         counts = torch.zeros(n_fg, dtype=torch.float64, device=self.device)
@@ -129,8 +133,8 @@ class Trainer:
                                                   self.net, overlap=self.cfg.infer.overlap, mode="gaussian",
                                                   cval=pad_value(self.prep))  # pad as training did
             pred = one_hot(logits.argmax(1, keepdim=True), self.prep.num_classes)
-            dice = metric(pred, one_hot(label.long(), self.prep.num_classes))[0].double()
-            ok = ~torch.isnan(dice)  # a class absent from a case's label says nothing about it
+            dice = dice_per_class(pred, one_hot(label.long(), self.prep.num_classes))[0].double()
+            ok = ~torch.isnan(dice)  # undefined: absent from both prediction and label
             sums += torch.where(ok, dice, 0.0)
             counts += ok
         self.net.train()
