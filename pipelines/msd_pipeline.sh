@@ -111,8 +111,8 @@ for run in "${runs[@]}"; do
 done
 name_by_case "$cv"
 
-step "4/6 evaluate: $cv against $DATA_DIR/labelsTr -> $OUT_DIR/cv_evaluation.csv"
-"${unetpp3d[@]}" evaluate --pred "$cv" --ref "$DATA_DIR/labelsTr" --out "$OUT_DIR/cv_evaluation.csv"
+step "4/6 evaluate: $cv against $DATA_DIR/labelsTr -> $OUT_DIR/cv_evaluation/"
+"${unetpp3d[@]}" evaluate --pred "$cv" --ref "$DATA_DIR/labelsTr" --out "$OUT_DIR/cv_evaluation"
 
 models=()
 for run in "${runs[@]}"; do models+=(--model "$run"); done
@@ -131,4 +131,4 @@ for run in "${runs[@]}"; do
   "${unetpp3d[@]}" export-bundle --model "$run" --out "$OUT_DIR/bundles/${run##*/}" --force
 done
 
-step "done: $OUT_DIR (cv_evaluation.csv, test_predictions/, bundles/, runs/)"
+step "done: $OUT_DIR (cv_evaluation/, test_predictions/, bundles/, runs/)"

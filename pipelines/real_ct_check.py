@@ -22,7 +22,7 @@ Steps, each the project's own command line (``unetpp3d ...``) in a subprocess, a
 4. ``unetpp3d infer cases.json --model run --out masks``;
 5. compare every mask's grid with its scan's, read independently with plain SimpleITK: size,
    spacing, origin and direction must be equal;
-6. ``unetpp3d evaluate --pred masks --ref cases.json --out evaluation.csv``;
+6. ``unetpp3d evaluate --pred masks --ref cases.json --out evaluation``;
 7. print one row per case (format, scanner, grid, Dice, PASS/FAIL) and write ``summary.json``.
 
 Exit status: 0 when every case passes; 1 when a case fails (Dice, grid, no mask) or a step
@@ -57,7 +57,7 @@ DICE_THRESHOLD = 0.8
 LABELS = {0: "background", 1: "liver"}
 # What the script writes under --out; --force removes exactly these.
 OUTPUTS = ("cases.json", "cases.fingerprint.json", "train.json", "validation_links", "run", "masks",
-           "evaluation.csv", "summary.json", "logs")
+           "evaluation", "summary.json", "logs")
 # Tolerances of the grid comparison: what a float32 NIfTI header keeps of a DICOM geometry.
 SPACING_RTOL = 1e-5
 ORIGIN_ATOL_MM = 1e-3
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "infer": ["infer", str(cases_json.resolve()), "--model", str(out_abs / "run"), "--out",
                   str(out_abs / "masks"), "--device", args.device],
         "evaluate": ["evaluate", "--pred", str(out_abs / "masks"), "--ref", str(cases_json.resolve()), "--out",
-                     str(out_abs / "evaluation.csv")],
+                     str(out_abs / "evaluation")],
     }
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     dice: dict[str, float] = {}
-    if (out / "evaluation.csv").is_file():
-        with open(out / "evaluation.csv", encoding="utf-8") as fh:
+    if (out / "evaluation" / "evaluation.csv").is_file():
+        with open(out / "evaluation" / "evaluation.csv", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 if int(row["label"]) == 1:
                     dice[row["case"]] = float(row["dice"])

@@ -198,7 +198,7 @@ def assert_run_outputs(out: Path, data: Path, folds: int, labels: set[int]) -> N
     assert masks == sorted(f"{name}.nii.gz" for name in validated)
     for name in validated:
         assert_on_grid(out / "cv_predictions" / f"{name}.nii.gz", data / "labelsTr" / f"{name}.nii.gz", labels)
-    with open(out / "cv_evaluation.csv", newline="") as fh:
+    with open(out / "cv_evaluation" / "evaluation.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["case"] for r in rows} == set(validated)
     assert {int(r["label"]) for r in rows} <= labels - {0}
@@ -217,7 +217,7 @@ def test_liver_recipe_two_folds_and_their_ensemble(tmp_path):
     log = run_recipe("msd_liver.sh", data, out, "--folds", "2", *TINY)
     assert_run_outputs(out, data, folds=2, labels={0, 1, 2})
     assert "ensemble of 2" in log  # the test scans went through both folds
-    with open(out / "cv_evaluation.csv", newline="") as fh:
+    with open(out / "cv_evaluation" / "evaluation.csv", newline="") as fh:
         assert {int(r["label"]) for r in csv.DictReader(fh)} == {1, 2}  # liver and tumour scored apart
     assert yaml.safe_load((out / "runs" / "fold_1" / "config.yaml").read_text())["data"]["folds"] == 2
 

@@ -85,7 +85,7 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
 
     say("[5/5] scoring against the phantoms' labels")
     references = data / "labelsTs"  # the phantom writer keeps the held-out labels out of the manifest
-    run_evaluation(pred=masks, ref=references, out=out / "evaluation.csv")
+    run_evaluation(pred=masks, ref=references, out=out)  # evaluation.csv and summary.json
     dice = [row.dice for c in test_cases
             for row in evaluate_case(masks / f"{c.name}.nii.gz", references / f"{c.name}.nii.gz")]
     mean_dice = statistics.fmean(dice)
@@ -103,6 +103,7 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
         ("masks", masks),
         ("previews (mask over scan)", previews),
         ("evaluation table", out / "evaluation.csv"),
+        ("evaluation summary (means per label)", out / "summary.json"),
     ]:
         say(f"  {label:<62} {path}")
     if mean_dice < TARGET_DICE:
