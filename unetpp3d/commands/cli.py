@@ -80,7 +80,10 @@ def check(
     series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
     fingerprint: Optional[Path] = typer.Option(None, help="Where to write the dataset fingerprint (default: beside the manifest)."),
 ) -> None:
-    """Validate every case of a manifest, print a summary and write the dataset fingerprint."""
+    """Validate every case of a manifest, print a summary and write the dataset fingerprint.
+
+    Exit status 2 when some case has a problem (each is printed), 0 when none has.
+    """
     from unetpp3d.commands.check import run_check
 
     raise typer.Exit(run_check(manifest, series_uid=series_uid, fingerprint_path=fingerprint))

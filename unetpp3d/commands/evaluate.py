@@ -241,15 +241,15 @@ def _printed(rows: list[CaseMetrics], tolerance_mm: float) -> list[str]:
     for label, m in class_means(rows).items():
         sel = [r for r in rows if r.label == label]
         tp, fp, fn = (sum(getattr(r, k) for r in sel) for k in ("tp", "fp", "fn"))
-
-        def mean(name: str, digits: int = 4, unit: str = "") -> str:
-            undefined = m["undefined"].get(name, 0)
-            return f"{_fmt(m[name], digits)}{unit}{f' ({undefined} undefined)' if undefined else ''}"
-
-        lines.append(f"label {label}: {m['cases']} case(s), mean Dice {mean('Dice')}, mean IoU {mean('IoU')}, "
-                     f"mean HD95 {mean('HD95_mm', 2, ' mm')}, mean surface Dice {mean('surface_Dice')}; "
-                     f"detections TP {tp}, FP {fp}, FN {fn}")
+        lines.append(f"label {label}: {m['cases']} case(s), mean Dice {_mean_text(m, 'Dice')}, "
+                     f"mean IoU {_mean_text(m, 'IoU')}, mean HD95 {_mean_text(m, 'HD95_mm', 2, ' mm')}, "
+                     f"mean surface Dice {_mean_text(m, 'surface_Dice')}; detections TP {tp}, FP {fp}, FN {fn}")
     return lines
+
+
+def _mean_text(means: dict[str, Any], name: str, digits: int = 4, unit: str = "") -> str:
+    undefined = means["undefined"].get(name, 0)
+    return f"{_fmt(means[name], digits)}{unit}{f' ({undefined} undefined)' if undefined else ''}"
 
 
 def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = None,
