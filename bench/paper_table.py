@@ -10,7 +10,7 @@ shape on the project's synthetic phantoms (``unetpp3d.synth``), per task (liver,
 
 * data: one training set and one *separately seeded* held-out test set per task, written once
   with :func:`unetpp3d.synth.phantom.write_dataset`; the same for every model and seed;
-* preprocessing: planned once per task from the training set (:func:`unetpp3d.data.planning.plan`);
+* preprocessing: planned once per task from the training set (:func:`unetpp3d.model.planning.plan`);
 * models, all trained by the same loop below with the same budget (iterations, patch, batch,
   optimiser, poly schedule), the same patch stream and the same seeds:
     - ``U-Net``: MONAI ``BasicUNet`` with features chosen so its parameter count is within
@@ -60,7 +60,7 @@ from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
 from unetpp3d.data.manifest import Case, load_manifest  # noqa: E402
 from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
 from unetpp3d.data.fingerprint import fingerprint
-from unetpp3d.data.planning import plan  # noqa: E402
+from unetpp3d.model.planning import plan  # noqa: E402
 from unetpp3d.inference.predictor import Predictor  # noqa: E402
 from unetpp3d.imageio.readers import read_image  # noqa: E402
 from unetpp3d.synth.phantom import write_dataset  # noqa: E402

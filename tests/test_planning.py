@@ -1,4 +1,5 @@
-"""planning: fingerprint figures, nnU-Net rules for spacing and strides, memory-fitted patch and batch."""
+"""planning: fingerprint figures, nnU-Net rules for spacing, strides and depth, memory-fitted patch and batch,
+and the network's size measured on the network itself."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from unetpp3d.config import Preprocessing, config_from_dict, load_config
 from unetpp3d.errors import UserError
 from unetpp3d.data.manifest import Case
 from unetpp3d.data.fingerprint import combine_fingerprints, fingerprint, label_histogram
-from unetpp3d.data.planning import compute_strides, estimate_memory_gb, plan, target_spacing
+from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.model.planning import compute_strides, minimum_patch, plan, target_spacing
+from unetpp3d.model.sizing import estimate_memory_gb, parameter_count, saved_activations
 
 PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)  # index x -> physical y, y -> z, z -> x
 
@@ -41,17 +45,74 @@ def test_strides_wait_for_thick_axes_and_stop_at_small_feature_maps():
     assert compute_strides([1.0, 1.0, 1.0], [64, 64, 64], 4) == [[2, 2, 2]] * 4
     s = compute_strides([0.8, 0.8, 2.5], [160, 160, 48], 4)
     assert s[0] == [2, 2, 1] and s[1] == [2, 2, 2]  # z joins once x, y reach 1.6 mm
-    # a 32-voxel axis pools 32 -> 16 -> 8 -> 4 and then stops
-    assert compute_strides([1.0, 1.0, 1.0], [32, 32, 32], 4)[3] == [1, 1, 1]
+    # a 32-voxel axis pools 32 -> 16 -> 8 -> 4 and then stops: three levels, not a fourth that pools nothing
+    assert compute_strides([1.0, 1.0, 1.0], [32, 32, 32], 4) == [[2, 2, 2]] * 3
+    # once x and y stop, a thick z no longer waits for them
+    assert compute_strides([0.7, 0.7, 2.0], [16, 16, 32], 4) == [[2, 2, 1], [2, 2, 2], [1, 1, 2], [1, 1, 2]]
+
+
+def test_strides_for_small_crops_never_hold_a_level_that_does_not_downsample():
+    # The LIDC crops' median shape at their median spacing (issue 15): the old planner gave
+    # [[2, 2, 1], [2, 2, 1], [1, 1, 1], [1, 1, 1]].
+    for shape in ([44, 44, 7], [44, 44, 2], [9, 9, 9], [8, 300, 3], [256, 256, 1]):
+        strides = compute_strides([0.7031, 0.7031, 1.25], shape, 4)
+        assert all(max(level) == 2 for level in strides), (shape, strides)
+    assert compute_strides([0.7031, 0.7031, 1.25], [44, 44, 7], 4) == [[2, 2, 1]] * 3
+    assert compute_strides([1.0, 1.0, 1.0], [7, 7, 7], 4) == []
+    assert minimum_patch([0.7031, 0.7031, 1.25]) == [16, 16, 8] and minimum_patch([1, 1, 1]) == [16, 16, 16]
+
+
+@pytest.mark.parametrize("upsample", ["deconv", "trilinear"])
+def test_parameter_count_is_the_networks_own(upsample):
+    args = dict(in_channels=1, out_channels=3, features=[4, 8, 16, 24], strides=[[2, 2, 1], [2, 2, 2], [1, 2, 2]],
+                upsample=upsample, deep_supervision=True)
+    assert parameter_count(args) == sum(p.numel() for p in UNetPlusPlus3D(**args).parameters())
+    no_ds = {**args, "deep_supervision": False}
+    assert parameter_count(no_ds) == sum(p.numel() for p in UNetPlusPlus3D(**no_ds).parameters())
+
+
+def _saved_in_a_real_forward(net, x) -> int:
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = max(saved.get(ptr, 0), t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("upsample", ["deconv", "trilinear"])
+def test_saved_activations_match_a_real_forward(upsample):
+    """The meta-device count equals what autograd keeps in a real CPU forward pass, weights excluded."""
+    args = dict(in_channels=1, out_channels=2, features=[4, 8, 16], strides=[[2, 2, 2], [2, 2, 1]], upsample=upsample)
+    net = UNetPlusPlus3D(**args).train()
+    x = torch.randn(1, 1, 24, 16, 6)  # not one of the two sizes the count is fitted on
+    counted = saved_activations(args, [24, 16, 6])
+    net.fused = False
+    assert counted == _saved_in_a_real_forward(net, x)
+    # The default fused path keeps the same tensors; only the norms' per-channel statistics differ.
+    net.fused = True
+    assert counted == pytest.approx(_saved_in_a_real_forward(net, x), rel=1e-3)
+    # Interpolation then a 1x1x1 conv keeps a full-resolution copy of the lower level's channels.
+    other = {**args, "upsample": "deconv" if upsample == "trilinear" else "trilinear"}
+    assert saved_activations(other, [24, 16, 6]) != counted
+    with pytest.raises(ValueError, match="multiple of"):
+        saved_activations(args, [16, 16, 9])
 
 
 def test_memory_estimate_behaves():
-    feats, strides = [32, 64, 128, 256, 320], [[2, 2, 2]] * 4
-    one = estimate_memory_gb([128] * 3, 1, feats, strides, 2)
-    two = estimate_memory_gb([128] * 3, 2, feats, strides, 2)
-    assert two > one and 12 < two < 25  # the documented ~17 GB for two 128^3 patches
-    assert estimate_memory_gb([128] * 3, 2, feats, strides, 2, amp=False) > two
-    assert estimate_memory_gb([96] * 3, 2, feats, strides, 2) < two
+    args = dict(in_channels=1, out_channels=2, features=[32, 64, 128, 256, 320], strides=[[2, 2, 2]] * 4)
+    one = estimate_memory_gb(args, [128] * 3, 1)
+    two = estimate_memory_gb(args, [128] * 3, 2)
+    assert two > one and 12 < two < 20  # the documented ~15 GB for two 128^3 patches
+    assert estimate_memory_gb(args, [128] * 3, 2, amp=False) > two
+    assert estimate_memory_gb(args, [96] * 3, 2) < two
+    assert estimate_memory_gb({**args, "upsample": "trilinear"}, [128] * 3, 2) > two
 
 
 def make_case(make_image, name, shape=(16, 16, 12), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
@@ -120,7 +181,8 @@ def test_plan_resolves_every_auto(capsys):
     div = np.prod(strides, axis=0)
     assert all(p % d == 0 for p, d in zip(prep.patch_size, div))
     assert out.data.batch_size >= 2
-    mem = estimate_memory_gb(prep.patch_size, out.data.batch_size, out.model.features, strides, 2)
+    args = dict(in_channels=1, out_channels=2, features=out.model.features, strides=strides)
+    mem = estimate_memory_gb(args, prep.patch_size, out.data.batch_size)
     assert mem <= out.data.gpu_memory_gb
     assert out.train.head_weights == [0.25] * 4
     assert out.data.patch_size == prep.patch_size
@@ -170,3 +232,58 @@ def test_plan_small_images_from_real_fingerprint(make_image):
     div = np.prod(cfg.model.strides, axis=0)
     assert all(p % d == 0 and p >= 12 for p, d in zip(prep.patch_size, div))
     assert cfg.data.batch_size == 2  # tiny dataset: 5% cap, floored at 2
+
+
+def test_plan_for_lidc_sized_crops_picks_a_shallow_network_that_pools_at_every_level():
+    """Issue 15: 44x44x7 crops at 0.70x0.70x1.25 mm used to plan a 44x44x7 patch with strides
+    [[2, 2, 1], [2, 2, 1], [1, 1, 1], [1, 1, 1]] and 256/320 channels at 11x11x7."""
+    fp = synthetic_fp(spacing=(0.7031, 0.7031, 1.25), size=(44, 44, 7), n=40)
+    out, prep = plan(load_config(None, ["task=lung_nodule", "data.intensity_range=[-1000, 400]"]), fp, echo=None)
+    assert prep.patch_size == [48, 48, 8]  # z padded to 8 so that it can pool once
+    assert out.model.strides == [[2, 2, 2], [2, 2, 1], [2, 2, 1]]
+    assert out.model.features == [32, 64, 128, 256]  # the depth took the first four widths
+    assert out.train.head_weights == pytest.approx([1 / 3] * 3)
+    args = dict(in_channels=1, out_channels=2, features=out.model.features, strides=out.model.strides)
+    UNetPlusPlus3D(**args).check_input_size(prep.patch_size)
+    assert out.data.batch_size == 2 + int(0.05 * 40 * 44 * 44 * 7 / (48 * 48 * 8)) - 2 or out.data.batch_size >= 2
+    assert prep.body_mask == "filled"
+    # the resolved config replans to itself
+    again, prep2 = plan(out, fp, echo=None)
+    assert again.model.features == out.model.features and prep2.patch_size == prep.patch_size
+
+
+@pytest.mark.parametrize("size, overrides", [
+    ((64, 64, 1), ["model.features=[4, 8, 16, 32, 32]"]),  # single slices: z used to stay 1 voxel thick all the way down
+    ((3, 3, 3), ["model.features=[4, 8, 16]", "model.strides=[2, 2]"]),  # used to round up to 4: bottleneck 1
+    ((40, 40, 2), ["model.features=[4, 8, 16]", "model.strides=[[2, 2, 1], [2, 2, 2]]"]),
+])
+def test_plan_never_leaves_a_one_voxel_bottleneck(size, overrides):
+    out, prep = plan(load_config(None, overrides), synthetic_fp(spacing=(1.0, 1.0, 2.0), size=size), echo=None)
+    div = np.prod([[s] * 3 if isinstance(s, int) else s for s in out.model.strides], axis=0)
+    assert all(p % d == 0 and p // d >= 2 for p, d in zip(prep.patch_size, div)), (prep.patch_size, div)
+    args = dict(in_channels=1, out_channels=2, features=out.model.features, strides=out.model.strides)
+    net = UNetPlusPlus3D(**args).train()
+    net.fused = False  # the reference path, which refuses a single-voxel instance norm
+    net(torch.zeros(1, 1, *prep.patch_size))
+
+
+def test_plan_refuses_explicit_values_that_cannot_work():
+    fp = synthetic_fp()
+    with pytest.raises(UserError, match="entry 2 .* does not downsample"):
+        plan(load_config(None, ["model.features=[4, 8, 16]", "model.strides=[[2, 2, 2], [1, 1, 1]]"]), fp, echo=None)
+    with pytest.raises(UserError, match="under 2 along z"):
+        plan(load_config(None, ["model.features=[4, 8, 16]", "model.strides=[[2, 2, 2], [2, 2, 1]]",
+                                "data.patch_size=[32, 32, 2]"]), fp, echo=None)
+    with pytest.raises(UserError, match="too small to downsample"):
+        plan(load_config(None, ["data.patch_size=[4, 4, 4]"]), fp, echo=None)
+    with pytest.raises(UserError, match="needs 3 weights .* 3-level network"):
+        plan(load_config(None, ["data.patch_size=[32, 32, 32]", "data.target_spacing=[1, 1, 1]",
+                                "train.head_weights=[0.25, 0.25, 0.25, 0.25]"]), fp, echo=None)
+
+
+def test_plan_picks_the_body_mask_per_task():
+    fp = synthetic_fp(size=(64, 64, 32))
+    assert plan(load_config(None, ["task=liver"]), fp, echo=None)[1].body_mask == "threshold"
+    assert plan(load_config(None, ["task=lung_nodule"]), fp, echo=None)[1].body_mask == "filled"
+    assert plan(load_config(None, ["task=lung_nodule", "data.body_mask=threshold"]), fp, echo=None)[1].body_mask \
+        == "threshold"

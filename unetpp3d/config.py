@@ -1,7 +1,7 @@
 """Configuration: plain dataclasses loaded from YAML and validated once, here, at the edge.
 
 A config has four sections (``model``, ``data``, ``train``, ``infer``) plus ``task``. Values
-spelled ``auto`` are filled in from the dataset fingerprint by :mod:`unetpp3d.data.planning` before
+spelled ``auto`` are filled in from the dataset fingerprint by :mod:`unetpp3d.model.planning` before
 training starts; the resolved config is saved with the run, so a model always knows its own
 preprocessing. Spatial lists (spacing, patch size, strides) are in (x, y, z) order of the RAS
 array that the transforms produce.
@@ -59,6 +59,10 @@ class DataConfig:
     pos_fraction: float = 0.67  # share of patches centred on foreground
     samples_per_volume: int = 2
     crop_foreground: bool = True  # crop to the body before patching
+    # What counts as body, for the crop and for where background patches are centred:
+    # "threshold" (voxels above -500 HU), "filled" (the body's filled outline: keeps the lungs),
+    # or "auto" (the planner's choice per task: filled for lung_nodule, threshold for liver).
+    body_mask: Literal["auto", "threshold", "filled"] = AUTO
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: str = ""
     num_workers: int = 4
@@ -271,7 +275,7 @@ def _deep_copy(data: Any) -> Any:
 class Preprocessing:
     """Everything inference needs to reproduce training's input pipeline.
 
-    Resolved from the config and the dataset fingerprint by :mod:`unetpp3d.data.planning`, saved in
+    Resolved from the config and the dataset fingerprint by :mod:`unetpp3d.model.planning`, saved in
     every checkpoint and bundle, and read back by the predictor. All spatial lists are in the
     (x, y, z) order of the RAS-oriented array.
     """
@@ -283,7 +287,12 @@ class Preprocessing:
     intensity_stats: list[float]  # [mean, std] of clipped foreground HU, for the z-score
     patch_size: list[int]  # voxels, a multiple of the network's size divisor
     crop_foreground: bool = True
-    body_threshold_hu: float = -500.0  # voxels above this count as body for the crop
+    body_threshold_hu: float = -500.0  # voxels above this count as body (tissue) for the crop
+    # "threshold": the body is the voxels above body_threshold_hu; "filled": their filled outline,
+    # lungs included (see unetpp3d.data.transforms.BodyMask). Older checkpoints lack the field
+    # and keep the threshold they were trained with.
+    body_mask: Literal["threshold", "filled"] = "threshold"
+    body_air_hu: float = -950.0  # "filled": a region outside the outline counts as body unless its median is below
     orientation: str = "RAS"
 
     @property

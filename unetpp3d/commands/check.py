@@ -3,7 +3,7 @@
 ``unetpp3d check --manifest dataset.json`` reads each case the way training will
 (:func:`unetpp3d.imageio.readers.read_image`), collects what is wrong instead of stopping at the first
 error, prints one line per problem, a short summary of the data, and writes the dataset
-fingerprint that :func:`unetpp3d.data.planning.plan` turns into a configuration.
+fingerprint that :func:`unetpp3d.model.planning.plan` turns into a configuration.
 """
 
 from __future__ import annotations

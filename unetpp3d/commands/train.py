@@ -23,7 +23,7 @@ from unetpp3d.config import Config, Preprocessing, config_from_dict, load_config
 from unetpp3d.data.fingerprint import fingerprint
 from unetpp3d.data.loader import make_train_loader, make_val_loader
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
-from unetpp3d.data.planning import plan
+from unetpp3d.model.planning import plan
 from unetpp3d.data.validation import validate_case
 from unetpp3d.errors import UserError
 from unetpp3d.model.checkpoint import load_checkpoint

@@ -1,1 +1,1 @@
-"""From a manifest to training batches: cases, validation, fingerprint, planning, transforms and loaders."""
+"""From a manifest to training batches: cases, validation, fingerprint, transforms and loaders."""

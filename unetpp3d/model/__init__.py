@@ -1,1 +1,1 @@
-"""The network (UNet++ and its fused fast path) and the checkpoint it is saved in."""
+"""The network (UNet++ and its fused fast path), the checkpoint it is saved in, what it costs, and the planner that sizes it for a dataset."""

@@ -1,15 +1,17 @@
-"""Dataset fingerprint and automatic configuration, after nnU-Net.
+"""Automatic configuration of the network and its input, after nnU-Net's experiment planning.
 
-MONAI's networks leave spacing, intensity normalisation, patch size, batch size and pooling to
-the user; nnU-Net derives them from the data (Isensee et al., "nnU-Net: a self-configuring
-method for deep learning-based biomedical image segmentation", Nature Methods 2021). This module
-does the same for a config whose values are ``"auto"``:
+MONAI's networks leave spacing, intensity normalisation, patch size, batch size, pooling and
+depth to the user; nnU-Net derives them from the data (Isensee et al., "nnU-Net: a
+self-configuring method for deep learning-based biomedical image segmentation", Nature Methods
+2021). :func:`plan` does the same for a config whose values are ``"auto"``: it turns a
+:class:`~unetpp3d.config.Config` plus a dataset fingerprint (:mod:`unetpp3d.data.fingerprint`,
+written by ``unetpp3d check``) into a config with every ``"auto"`` resolved and the
+:class:`~unetpp3d.config.Preprocessing` that training and inference share. Values already set in
+the config are kept.
 
-* :func:`fingerprint` reads the labelled cases once and records spacing, size, foreground
-  intensities and label volumes; :func:`unetpp3d.commands.check.run_check` writes it as JSON.
-* :func:`plan` turns a :class:`~unetpp3d.config.Config` plus a fingerprint into a config with
-  every ``"auto"`` resolved and the :class:`~unetpp3d.config.Preprocessing` that training and
-  inference share. Values already set in the config are kept.
+It sits with the model because it sizes the network: the depth, the strides, and the memory
+that a patch and batch cost are those of :class:`~unetpp3d.model.network.UNetPlusPlus3D`
+itself, measured on the meta device (:mod:`unetpp3d.model.sizing`).
 
 All spatial lists (spacing, size, patch, strides) are in the (x, y, z) order of the
 RAS-oriented array, the order the transforms produce.
@@ -31,6 +33,7 @@ import numpy as np
 
 from unetpp3d.config import AUTO, Config, Preprocessing
 from unetpp3d.errors import UserError
+from unetpp3d.model.sizing import estimate_memory_gb
 
 ANISOTROPY_RATIO = 3.0  # nnU-Net: a median spacing axis > 3x the finest is "anisotropic"
 
@@ -38,7 +41,19 @@ ANISOTROPY_RATIO = 3.0  # nnU-Net: a median spacing axis > 3x the finest is "ani
 MAX_PATCH_AXIS = 256  # cap on the starting patch, in voxels per axis
 
 
-MIN_FEATURE_MAP = 4  # do not pool an axis whose feature map would drop below this
+MIN_FEATURE_MAP = 4  # do not pool an axis whose feature map would drop below this (nnU-Net's value)
+
+
+# An automatic patch lets the finest axes (in-plane for CT) pool at least this often, padding
+# small images up to MIN_FEATURE_MAP * 2**MIN_POOLINGS voxels: with fewer poolings the network
+# is hardly more than its first level, whatever model.features says.
+MIN_POOLINGS = 2
+
+
+SAME_SPACING = 1.1  # axes within 10% of the finest spacing count as finest (x and y of CT)
+
+
+MIN_BOTTLENECK = 2  # voxels per axis at the deepest level; a 1-voxel axis there is refused by the network
 
 
 MIN_BATCH = 2
@@ -47,14 +62,13 @@ MIN_BATCH = 2
 DATASET_FRACTION_PER_BATCH = 0.05  # nnU-Net: one batch covers at most 5% of the dataset's voxels
 
 
-# Memory model constants (see estimate_memory_gb).
-_OVERHEAD_FACTOR = 1.2  # allocator fragmentation and cuDNN workspaces
-
-
-_FIXED_GB = 1.0  # CUDA context and libraries
-
-
-_STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients and two optimizer buffers
+BODY_MASK_BY_TASK = {
+    # Nodules sit in the lungs, whose parenchyma (about -850 HU) a -500 HU threshold calls air:
+    # the filled outline keeps them, and background patches are drawn from them too.
+    "lung_nodule": "filled",
+    # The abdomen has no large air-filled organ; the threshold crop is kept (docs/lidc.md measures both).
+    "liver": "threshold",
+}
 
 
 def target_spacing(spacings: np.ndarray) -> tuple[list[float], str]:
@@ -82,32 +96,52 @@ def target_spacing(spacings: np.ndarray) -> tuple[list[float], str]:
     return median.round(6).tolist(), "median"
 
 
-def compute_strides(spacing: Sequence[float], patch: Sequence[int], depth: int) -> list[list[int]]:
-    """Per-level strides, nnU-Net style.
+def compute_strides(spacing: Sequence[float], patch: Sequence[int], max_depth: int) -> list[list[int]]:
+    """Per-level strides and so the depth, nnU-Net style (``get_pool_and_conv_props``).
 
-    An axis is downsampled (stride 2) at a level only when its current spacing is at most twice
-    the finest current spacing (so thick slices wait until the in-plane axes catch up) and its
-    feature map stays at least :data:`MIN_FEATURE_MAP` voxels.
+    At each level an axis is downsampled (stride 2) when its feature map stays at least
+    :data:`MIN_FEATURE_MAP` voxels and its current spacing is at most twice the finest current
+    spacing among the axes still large enough (so thick slices wait until the in-plane axes
+    catch up, and pool once those have stopped). Levels are added while some axis pools, at
+    most ``max_depth`` of them: every level downsamples, and a small patch gets a shallow
+    network rather than levels that only add channels at the same resolution.
 
     Args:
         spacing: target spacing (mm), RAS order.
         patch: patch size (voxels), RAS order.
-        depth: number of downsamplings (``len(model.features) - 1``).
+        max_depth: the most downsamplings the widths allow (``len(model.features) - 1``).
 
     Returns:
-        ``depth`` lists of three strides.
+        Up to ``max_depth`` lists of three strides (1 or 2), none all ones; its length is the depth.
     """
     cur_spacing = [float(s) for s in spacing]
     cur_size = [int(n) for n in patch]
-    strides = []
-    for _ in range(depth):
-        finest = min(cur_spacing)
-        step = [2 if cur_spacing[a] <= 2.0 * finest + 1e-6 and cur_size[a] >= 2 * MIN_FEATURE_MAP else 1
-                for a in range(3)]
+    strides: list[list[int]] = []
+    while len(strides) < max_depth:
+        large = [a for a in range(3) if cur_size[a] >= 2 * MIN_FEATURE_MAP]
+        if not large:
+            break
+        finest = min(cur_spacing[a] for a in large)
+        step = [2 if a in large and cur_spacing[a] <= 2.0 * finest + 1e-6 else 1 for a in range(3)]
         strides.append(step)
         cur_spacing = [s * k for s, k in zip(cur_spacing, step)]
         cur_size = [n // k for n, k in zip(cur_size, step)]
     return strides
+
+
+def minimum_patch(spacing: Sequence[float]) -> list[int]:
+    """The smallest automatic patch: room for one pooling on every axis, :data:`MIN_POOLINGS` on the finest.
+
+    Args:
+        spacing: target spacing (mm), RAS order.
+
+    Returns:
+        Voxels per axis: ``MIN_FEATURE_MAP * 2**MIN_POOLINGS`` along axes within
+        :data:`SAME_SPACING` of the finest spacing, ``2 * MIN_FEATURE_MAP`` along the others.
+    """
+    finest = min(float(s) for s in spacing)
+    return [MIN_FEATURE_MAP * 2 ** MIN_POOLINGS if float(s) <= SAME_SPACING * finest else 2 * MIN_FEATURE_MAP
+            for s in spacing]
 
 
 def _divisor(strides: Sequence[Sequence[int]]) -> list[int]:
@@ -121,70 +155,18 @@ def _triples(strides: Any, depth: int, where: str = "model.strides") -> list[lis
     if not isinstance(strides, (list, tuple)) or len(strides) != depth:
         raise UserError(f"{where}: needs {depth} entries (one per downsampling, len(model.features) - 1), got {strides!r}")
     out = []
-    for s in strides:
+    for i, s in enumerate(strides):
         triple = [int(s)] * 3 if isinstance(s, (int, float)) else [int(v) for v in s]
         if len(triple) != 3 or any(v < 1 for v in triple):
             raise UserError(f"{where}: each entry must be a positive int or [x, y, z], got {s!r}")
+        if triple == [1, 1, 1]:
+            # A level that does not downsample adds width and compute at the same resolution
+            # and no receptive field; the planner never makes one, so a config asks for it by mistake.
+            raise UserError(f"{where}: entry {i + 1} ({s!r}) does not downsample any axis; remove it and the "
+                            f"matching width from model.features, or set model.strides: auto to let the planner "
+                            f"choose the depth")
         out.append(triple)
     return out
-
-
-def _param_count(features: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int, num_classes: int,
-                 deep_supervision: bool) -> int:
-    """Weights of :class:`~unetpp3d.model.network.UNetPlusPlus3D` (3x3x3 convs, deconv ups, 1x1x1 heads)."""
-    depth = len(features) - 1
-    n = 0
-    for i, c in enumerate(features):
-        cin = in_channels if i == 0 else features[i - 1]
-        n += 27 * cin * c + 27 * c * c + 4 * c  # encoder block + two norms
-    for i in range(depth):
-        c, up = features[i], int(np.prod(strides[i]))
-        for j in range(1, depth - i + 1):
-            n += up * features[i + 1] * c  # transposed conv
-            n += 27 * (j + 1) * c * c + 27 * c * c + 4 * c
-    heads = depth if deep_supervision else 1
-    return n + heads * (features[0] + 1) * num_classes
-
-
-def estimate_memory_gb(patch: Sequence[int], batch: int, features: Sequence[int], strides: Sequence[Sequence[int]],
-                       num_classes: int, deep_supervision: bool = True, amp: bool = True,
-                       in_channels: int = 1) -> float:
-    """Estimate the GPU memory (GB) that training a UNet++ on ``batch`` patches needs.
-
-    The model counts what autograd keeps for the backward pass, per sample, at encoder level
-    ``i`` with ``C_i`` channels over ``V_i`` voxels (the patch divided by the strides so far):
-
-    * encoder block X^{i,0}: ``4 C_i V_i`` (each of its two conv-norm-activation units keeps its
-      convolution output and its activation output);
-    * nested node X^{i,j}, ``j = 1..L-i``: ``(j + 1) C_i V_i`` for the concatenated input its
-      first convolution keeps, ``4 C_i V_i`` for its block and ``C_i V_i`` for the upsampled
-      input (briefly alive beside the concatenation);
-    * heads and loss: ``4 K V_0`` per head in fp32 (logits, softmax, target, gradient).
-
-    Activations take 2 bytes under mixed precision (4 without). The sum is multiplied by
-    ``batch`` and by 1.2 for allocator fragmentation and cuDNN workspaces, then 16 bytes per
-    weight (fp32 weight, gradient, two optimizer buffers) and 1 GB for the CUDA context are
-    added. For the default widths (32..320, four downsamplings) this gives about 3 kB per patch
-    voxel, i.e. roughly 17 GB for two 128^3 patches.
-    """
-    depth = len(features) - 1
-    voxels = float(np.prod(patch))
-    values = 0.0
-    div = [1, 1, 1]
-    for i, c in enumerate(features):
-        if i > 0:
-            div = [d * k for d, k in zip(div, strides[i - 1])]
-        v = voxels / float(np.prod(div))
-        per_voxel = 4 * c
-        for j in range(1, depth - i + 1):
-            per_voxel += (j + 1) * c + 4 * c + c
-        values += per_voxel * v
-    act_bytes = 2 if amp else 4
-    heads = depth if deep_supervision else 1
-    per_sample = values * act_bytes + heads * 4 * num_classes * voxels * 4
-    params = _param_count(features, strides, in_channels, num_classes, deep_supervision)
-    total = batch * per_sample * _OVERHEAD_FACTOR + params * _STATE_BYTES_PER_PARAM
-    return total / 1e9 + _FIXED_GB
 
 
 def _round_up(patch: Sequence[int], div: Sequence[int]) -> list[int]:
@@ -206,6 +188,10 @@ def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == AUTO
 
 
+def _xyz(values: Sequence[Any]) -> str:
+    return "x".join(str(v) for v in values)
+
+
 def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
          echo: Callable[[str], Any] | None = print) -> tuple[Config, Preprocessing]:
     """Resolve every ``"auto"`` in ``cfg`` from the fingerprint.
@@ -213,18 +199,26 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
     * ``data.target_spacing``: :func:`target_spacing` of the cases' spacings.
     * ``data.intensity_range``: foreground 0.5 and 99.5 percentiles.
     * ``data.intensity_stats``: mean and std of the foreground clipped to that range.
-    * ``model.strides``: :func:`compute_strides` for the patch at the target spacing.
+    * ``model.strides`` and the depth: :func:`compute_strides` for the patch at the target
+      spacing, at most ``len(model.features) - 1`` levels; ``model.features`` keeps the first
+      ``depth + 1`` widths. Explicit strides keep every width and may not hold an all-ones entry.
     * ``data.patch_size``: the median image shape at the target spacing, each axis capped at
-      :data:`MAX_PATCH_AXIS` and rounded up to a multiple of the network's size divisor; while
-      two patches do not fit ``data.gpu_memory_gb`` (:func:`estimate_memory_gb`), the largest
-      axis shrinks by one divisor step.
+      :data:`MAX_PATCH_AXIS` and raised to :func:`minimum_patch` (small crops are padded, not
+      refused), then rounded up to a multiple of the network's size divisor (an axis that is
+      never pooled keeps the median instead of padding that buys nothing). While two patches do
+      not fit ``data.gpu_memory_gb`` (:func:`~unetpp3d.model.sizing.estimate_memory_gb`, measured
+      on the network itself) the largest axis shrinks by one divisor step, the depth following.
     * ``data.batch_size``: as many patches as fit the budget, at least 2, and at most a batch
       covering 5% of the dataset's voxels.
+    * ``data.body_mask``: :data:`BODY_MASK_BY_TASK`.
     * ``train.head_weights``: equal weights summing to 1.
+
+    No plan leaves the deepest level less than :data:`MIN_BOTTLENECK` voxels along an axis.
 
     Args:
         cfg: the config; not modified.
-        fp: a fingerprint from :func:`fingerprint` (or the JSON ``unetpp3d check`` writes).
+        fp: a fingerprint from :func:`~unetpp3d.data.fingerprint.fingerprint` (or the JSON
+            ``unetpp3d check`` writes).
         labels: class number -> name; default the fingerprint's.
         echo: called once with the summary text from :func:`describe_plan`, which names each
             value and where it came from (default ``print``; ``None`` for silence;
@@ -235,7 +229,8 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
 
     Raises:
         UserError: the fingerprint lacks what an ``"auto"`` needs, or explicit values do not fit
-            together (a patch that is not a multiple of the strides' product, for instance).
+            together (a patch that is not a multiple of the strides' product, or too small to
+            pool, for instance).
     """
     cfg = copy.deepcopy(cfg)
     if labels is None:
@@ -248,7 +243,7 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
         raise UserError("fingerprint: no cases; run `unetpp3d check` on the manifest first")
     notes: dict[str, str] = {}
     data, model = cfg.data, cfg.model
-    depth = len(model.features) - 1
+    max_depth = len(model.features) - 1
 
     if _is_auto(data.target_spacing):
         spacing, why = target_spacing(np.array([c["spacing"] for c in cases]))
@@ -279,44 +274,68 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
     amp = cfg.train.amp != "off"
     budget = float(data.gpu_memory_gb)
     median_shape = np.median([[n * s / t for n, s, t in zip(c["size"], c["spacing"], spacing)] for c in cases], axis=0)
-    explicit_strides = None if _is_auto(model.strides) else _triples(model.strides, depth)
-
-    def fits(patch: Sequence[int], strides: Sequence[Sequence[int]], batch: int) -> bool:
-        return estimate_memory_gb(patch, batch, model.features, strides, num_classes, model.deep_supervision,
-                                  amp) <= budget
+    explicit_strides = None if _is_auto(model.strides) else _triples(model.strides, max_depth)
 
     def strides_for(patch: Sequence[int]) -> list[list[int]]:
-        return explicit_strides or compute_strides(spacing, patch, depth)
+        return explicit_strides or compute_strides(spacing, patch, max_depth)
+
+    def model_args(strides: Sequence[Sequence[int]]) -> dict[str, Any]:
+        return dict(in_channels=1, out_channels=num_classes, features=list(model.features[:len(strides) + 1]),
+                    deep_supervision=model.deep_supervision, strides=[list(s) for s in strides], norm=model.norm,
+                    act=model.act, upsample=model.upsample, dropout=model.dropout)
+
+    def memory(patch: Sequence[int], strides: Sequence[Sequence[int]], batch: int) -> float:
+        try:
+            return estimate_memory_gb(model_args(strides), patch, batch, amp)
+        except ValueError as exc:  # the network's own input checks
+            raise UserError(f"data.patch_size {list(patch)} with model.strides {list(strides)}: {exc}") from None
+
+    def fits(patch: Sequence[int], strides: Sequence[Sequence[int]], batch: int) -> bool:
+        return memory(patch, strides, batch) <= budget
 
     if _is_auto(data.patch_size):
-        patch = [max(1, min(MAX_PATCH_AXIS, int(round(n)))) for n in median_shape]
+        start = [max(1, min(MAX_PATCH_AXIS, int(round(n)))) for n in median_shape]
+        floor = minimum_patch(spacing)
+        want = [max(s, f) for s, f in zip(start, floor)]
         while True:
-            strides = strides_for(patch)
-            patch = _round_up(patch, _divisor(strides))
-            strides = strides_for(patch)  # rounding up can only make more axes poolable
+            patch, strides = _fit_patch(want, start, strides_for, explicit_strides is not None)
             div = _divisor(strides)
-            patch = _round_up(patch, div)
             if fits(patch, strides, MIN_BATCH):
                 break
-            shrinkable = [a for a in range(3) if patch[a] - div[a] >= div[a]]
+            low = [max(f, MIN_BOTTLENECK * d) for f, d in zip(floor, div)]
+            shrinkable = [a for a in range(3) if patch[a] - div[a] >= low[a]]
             if not shrinkable:
-                need = estimate_memory_gb(patch, MIN_BATCH, model.features, strides, num_classes,
-                                          model.deep_supervision, amp)
-                raise UserError(f"data.gpu_memory_gb = {budget:g}: even a {'x'.join(map(str, patch))} patch needs about "
+                need = memory(patch, strides, MIN_BATCH)
+                raise UserError(f"data.gpu_memory_gb = {budget:g}: even a {_xyz(patch)} patch needs about "
                                 f"{need:.1f} GB at batch size {MIN_BATCH}; raise the budget or narrow model.features")
             axis = max(shrinkable, key=lambda a: (patch[a], a))
-            patch[axis] -= div[axis]
+            want = list(patch)
+            want[axis] -= div[axis]
         data.patch_size = patch
-        notes["patch_size"] = "median shape at target spacing, fitted to the memory budget"
+        padded = [a for a in range(3) if patch[a] > max(start[a], 1) and start[a] < floor[a]]
+        notes["patch_size"] = ("median shape at target spacing" + (f", {'/'.join('xyz'[a] for a in padded)} padded "
+                               "up so the network can pool" if padded else "") + ", fitted to the memory budget")
     patch = [int(p) for p in data.patch_size]
     strides = strides_for(patch)
     div = _divisor(strides)
+    if not strides:
+        raise UserError(f"data.patch_size {patch}: too small to downsample at spacing {spacing} (an axis pools only "
+                        f"from {2 * MIN_FEATURE_MAP} voxels); enlarge the patch or set it to auto")
     if any(p % d for p, d in zip(patch, div)):
         raise UserError(f"data.patch_size {patch} must be a multiple of {div} on each axis (the product of the "
                         f"strides {strides}); change one of them or set both to auto")
+    thin = [a for a in range(3) if patch[a] // div[a] < MIN_BOTTLENECK]
+    if thin:
+        raise UserError(f"data.patch_size {patch} with strides {strides} leaves the deepest level "
+                        f"{_xyz([p // d for p, d in zip(patch, div)])} voxels, under {MIN_BOTTLENECK} along "
+                        f"{', '.join('xyz'[a] for a in thin)}; enlarge the patch there or pool that axis less")
+    depth = len(strides)
     if _is_auto(model.strides):
         model.strides = strides
-        notes["strides"] = f"nnU-Net rule, size divisor {'x'.join(map(str, div))}"
+        model.features = list(model.features[:depth + 1])
+        notes["strides"] = f"nnU-Net rule, size divisor {_xyz(div)}"
+        notes["depth"] = (f"{depth} of at most {max_depth}: the patch allows {depth} poolings" if depth < max_depth
+                          else f"{depth}, all the widths")
 
     if _is_auto(data.batch_size):
         dataset_voxels = sum(float(np.prod([n * s / t for n, s, t in zip(c["size"], c["spacing"], spacing)]))
@@ -328,13 +347,16 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
         data.batch_size = batch
         capped = batch == cap and fits(patch, strides, batch + 1)
         notes["batch_size"] = "capped at 5% of the dataset's voxels" if capped else "fits the memory budget"
+    heads = depth if model.deep_supervision else 1
     if _is_auto(cfg.train.head_weights):
-        heads = depth if model.deep_supervision else 1
         cfg.train.head_weights = [1.0 / heads] * heads
         notes["head_weights"] = "equal"
-    elif len(cfg.train.head_weights) != (depth if model.deep_supervision else 1):
-        raise UserError(f"train.head_weights: needs {depth if model.deep_supervision else 1} weights (one per head), "
-                        f"got {cfg.train.head_weights}")
+    elif len(cfg.train.head_weights) != heads:
+        raise UserError(f"train.head_weights: needs {heads} weights (one per head of the {depth}-level network "
+                        f"planned), got {cfg.train.head_weights}")
+    if _is_auto(data.body_mask):
+        data.body_mask = BODY_MASK_BY_TASK.get(cfg.task, "threshold")
+        notes["body_mask"] = f"{cfg.task} task"
 
     prep = Preprocessing(
         task=cfg.task,
@@ -344,13 +366,26 @@ def plan(cfg: Config, fp: dict[str, Any], labels: dict[int, str] | None = None,
         intensity_stats=[float(v) for v in data.intensity_stats],
         patch_size=patch,
         crop_foreground=bool(data.crop_foreground),
+        body_mask=str(data.body_mask),
     )
-    memory = estimate_memory_gb(patch, int(data.batch_size), model.features, strides, num_classes,
-                                model.deep_supervision, amp)
-    notes["memory"] = f"about {memory:.1f} of {budget:g} GB"
+    notes["memory"] = f"about {memory(patch, strides, int(data.batch_size)):.1f} of {budget:g} GB"
     if echo is not None:
         echo(describe_plan(cfg, prep, notes))
     return cfg, prep
+
+
+def _fit_patch(want: Sequence[int], start: Sequence[int], strides_for: Callable[[Sequence[int]], list[list[int]]],
+               explicit: bool) -> tuple[list[int], list[list[int]]]:
+    """Round ``want`` up to the divisor of its strides (rounding up can only make more axes poolable, so twice)."""
+    strides = strides_for(want)
+    patch = _round_up(want, _divisor(strides))
+    strides = strides_for(patch)
+    div = _divisor(strides)
+    patch = [max(p, MIN_BOTTLENECK * d) for p, d in zip(_round_up(patch, div), div)]
+    if not explicit:
+        # Padding an axis that is never pooled buys nothing: it keeps the median (at least MIN_BOTTLENECK).
+        patch = [max(MIN_BOTTLENECK, min(p, s)) if d == 1 else p for p, s, d in zip(patch, start, div)]
+    return patch, strides
 
 
 def describe_plan(cfg: Config, prep: Preprocessing, notes: dict[str, str] | None = None) -> str:
@@ -365,14 +400,17 @@ def describe_plan(cfg: Config, prep: Preprocessing, notes: dict[str, str] | None
 
     lo, hi = prep.intensity_range
     mean, std = prep.intensity_stats
+    strides = cfg.model.strides
     lines = [
         "plan:",
         f"  target spacing   {xyz(prep.target_spacing, ' mm')}  ({src('target_spacing')})",
         f"  intensity clip   [{lo:.4g}, {hi:.4g}]  ({src('intensity_range')})",
         f"  z-score          mean {mean:.4g}, std {std:.4g}  ({src('intensity_stats')})",
+        f"  body mask        {prep.body_mask}  ({src('body_mask')})",
         f"  patch            {xyz(prep.patch_size, ' voxels')}  ({src('patch_size')})",
         f"  batch size       {cfg.data.batch_size}  ({src('batch_size')}; {notes.get('memory', '')})",
-        f"  strides          {cfg.model.strides}  ({src('strides')})",
+        f"  depth            {len(strides)}, widths {list(cfg.model.features)}  ({src('depth')})",
+        f"  strides          {strides}  ({src('strides')})",
         f"  head weights     {', '.join(f'{w:.3g}' for w in cfg.train.head_weights)}  ({src('head_weights')})",
     ]
     return "\n".join(lines)
