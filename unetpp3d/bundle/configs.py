@@ -57,7 +57,8 @@ def preprocessing_specs(prep: Preprocessing) -> list[dict[str, Any]]:
     ]
     if prep.crop_foreground:
         specs.append({"_target_": "CropForegroundd", "keys": keys, "source_key": IMAGE_KEY,
-                      "select_fn": {"_target_": "unetpp3d.data.transforms.BodyMask", "threshold_hu": prep.body_threshold_hu},
+                      "select_fn": {"_target_": "unetpp3d.data.transforms.BodyMask", "threshold_hu": prep.body_threshold_hu,
+                                    "mode": prep.body_mask, "air_hu": prep.body_air_hu},
                       "margin": T.CROP_MARGIN_VOXELS, "allow_smaller": True})
     specs.append({"_target_": "ScaleIntensityRanged", "keys": IMAGE_KEY, "a_min": low, "a_max": high,
                   "b_min": T._normalised(low, mean_std), "b_max": T._normalised(high, mean_std), "clip": True})
@@ -156,6 +157,8 @@ def metadata_config(payload: dict[str, Any], predictor: Any, source: Path) -> di
     args = predictor.network.model_args
     labels = {str(k): str(v) for k, v in prep.labels.items()}
     targets = ", ".join(v for k, v in labels.items() if int(k) != 0)
+    body = (f"HU > {prep.body_threshold_hu:g}" if prep.body_mask == "threshold"
+            else f"the filled outline of HU > {prep.body_threshold_hu:g}, lungs included")
     mean_std = [float(v) for v in prep.intensity_stats]
     low, high = (float(v) for v in prep.intensity_range)
     value_range = [(low - mean_std[0]) / mean_std[1], (high - mean_std[0]) / mean_std[1]]
@@ -178,7 +181,7 @@ def metadata_config(payload: dict[str, Any], predictor: Any, source: Path) -> di
         "description": (f"3D UNet++ (features {args['features']}, deep supervision "
                         f"{'on' if args['deep_supervision'] else 'off'}) segmenting {targets} in CT scans. Input: "
                         f"CT in HU, reoriented to {prep.orientation}, resampled to {prep.target_spacing} mm, cropped "
-                        f"to the body (HU > {prep.body_threshold_hu:g}), clipped to [{low:g}, {high:g}] HU and "
+                        f"to the body ({body}), clipped to [{low:g}, {high:g}] HU and "
                         f"z-scored with mean {mean_std[0]:g}, std {mean_std[1]:g}; sliding windows of "
                         f"{list(predictor.roi_size)} voxels; output masks on each scan's own grid."),
         "authors": "the model's trainer, with unetpp3d",

@@ -6,7 +6,8 @@ inference see identical inputs:
 1. ``LoadImaged`` with :class:`~unetpp3d.imageio.readers.SitkReader` (channel first, float32),
 2. ``Orientationd`` to ``prep.orientation`` (RAS), so spatial lists are in (x, y, z) RAS order,
 3. ``Spacingd`` to ``prep.target_spacing`` (bilinear for the image, nearest for label maps),
-4. ``CropForegroundd`` to the body (voxels above ``prep.body_threshold_hu``) when
+4. ``CropForegroundd`` to the body (:class:`BodyMask` from ``prep.body_mask``: the voxels above
+   ``prep.body_threshold_hu``, or the body's filled outline, lungs included) when
    ``prep.crop_foreground``; the crop box is also stored under ``foreground_start_coord`` /
    ``foreground_end_coord``,
 5. one ``ScaleIntensityRanged`` that clips to ``prep.intensity_range`` and z-scores with
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.image_reader import ImageReader
 from monai.transforms import (
@@ -46,6 +48,7 @@ from monai.transforms import (
     CenterSpatialCrop,
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
@@ -61,17 +64,25 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
+    Transform,
 )
+from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 
 from unetpp3d.config import DataConfig, Preprocessing
+from unetpp3d.data.body import MODES as BODY_MODES
+from unetpp3d.data.body import body_mask_array
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.readers import SitkReader
 
 IMAGE_KEY = "image"
 
 
+BODY_KEY = "body"  # training with the filled body mask: the mask, from preprocessing to the patch sampler
+
+
 # Training: load, EnsureType, orientation, spacing, crop foreground, intensity, pad image,
-# pad labels; RandCropByPosNegLabeld is transform 8 (7 without the foreground crop).
+# pad labels; RandCropByPosNegLabeld is transform 8 (7 without the foreground crop, one more
+# with the filled body mask, which BodyMaskd computes before the crop).
 TRAIN_RANDOM_START = 8
 
 
@@ -92,25 +103,75 @@ MAX_CONTEXT = 1.6  # cap on how much larger than the patch the pre-rotation crop
 ANISOTROPY_LIMIT = 3.0
 
 
-class BodyMask:
-    """``select_fn`` for ``CropForegroundd``: voxels above a HU threshold.
+class BodyMask(Transform):
+    """The body of a CT in HU: image (C, x, y, z) -> boolean mask of the same shape.
 
-    Where no voxel passes (a scan that is not in HU, or all air) every voxel is selected, so
-    the scan is left uncropped instead of cropped to nothing. A class rather than a lambda so
-    that pipelines pickle into DataLoader workers.
+    Also the ``select_fn`` of ``CropForegroundd``. ``mode="threshold"`` is the voxels above
+    ``threshold_hu``; ``mode="filled"`` is the body's filled outline, lungs included (see
+    :mod:`unetpp3d.data.body`). Where no voxel is tissue every voxel is selected, so the scan is
+    left uncropped instead of cropped to nothing. A class with plain arguments rather than a
+    lambda, so that pipelines pickle into DataLoader workers and a bundle config can name it.
+
+    Args:
+        threshold_hu: voxels above it are tissue.
+        mode: ``"threshold"`` or ``"filled"``.
+        air_hu: ``"filled"`` only: a region outside the outline with its median at or below this
+            is air around the patient.
     """
 
-    def __init__(self, threshold_hu: float) -> None:
-        self.threshold_hu = float(threshold_hu)
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
-    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        mask = img > self.threshold_hu
-        if not mask.any():
-            return torch.ones_like(mask) if isinstance(mask, torch.Tensor) else np.ones_like(mask)
-        return mask
+    def __init__(self, threshold_hu: float = -500.0, mode: str = "threshold", air_hu: float = -950.0) -> None:
+        if mode not in BODY_MODES:
+            raise ValueError(f"body mask mode {mode!r} is not one of {', '.join(BODY_MODES)}")
+        self.threshold_hu = float(threshold_hu)
+        self.mode = mode
+        self.air_hu = float(air_hu)
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if self.mode == "threshold":
+            mask = img > self.threshold_hu
+            if not mask.any():
+                return torch.ones_like(mask) if isinstance(mask, torch.Tensor) else np.ones_like(mask)
+            return mask
+        hu = convert_data_type(img, np.ndarray)[0]
+        mask = np.stack([body_mask_array(channel, self.threshold_hu, self.mode, self.air_hu) for channel in hu])
+        return convert_to_dst_type(mask, img, dtype=torch.bool if isinstance(img, torch.Tensor) else bool)[0]
 
     def __repr__(self) -> str:
-        return f"BodyMask({self.threshold_hu})"
+        return f"BodyMask({self.threshold_hu}, {self.mode!r}, {self.air_hu})"
+
+
+class BodyMaskd(MapTransform):
+    """Dictionary wrapper of :class:`BodyMask`: the mask of ``keys`` (the image) under ``mask_key``, as uint8.
+
+    Training keeps it beside the image through the crop and the padding, and draws background
+    patches from it (``RandCropByPosNegLabeld(image_key=mask_key, image_threshold=0.5)``).
+
+    Args:
+        keys: the image key (one).
+        mask_key: where to store the mask.
+        threshold_hu, mode, air_hu: as for :class:`BodyMask`.
+    """
+
+    backend = BodyMask.backend
+
+    def __init__(self, keys: KeysCollection, mask_key: str = BODY_KEY, threshold_hu: float = -500.0,
+                 mode: str = "threshold", air_hu: float = -950.0) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.mask = BodyMask(threshold_hu, mode, air_hu)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.mask_key] = convert_to_dst_type(self.mask(d[key]), d[key], dtype=torch.uint8)[0]
+        return d
+
+
+def body_mask(prep: Preprocessing) -> BodyMask:
+    """The :class:`BodyMask` that ``prep`` crops with (its ``body_*`` fields)."""
+    return BodyMask(prep.body_threshold_hu, prep.body_mask, prep.body_air_hu)
 
 
 class RandRotateScaled(RandomizableTransform, MapTransform):
@@ -241,7 +302,13 @@ def preprocess_transforms(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY
     Returns:
         A list of MONAI dictionary transforms.
     """
-    keys = _keys(keys)
+    return _preprocess(prep, _keys(keys), reader, body_key=None)
+
+
+def _preprocess(prep: Preprocessing, keys: tuple[str, ...], reader: ImageReader | None,
+                body_key: str | None) -> list[MapTransform]:
+    """:func:`preprocess_transforms`; with ``body_key`` the body mask is kept under that key and
+    the crop reads it, which gives the same box as cropping with :func:`body_mask` directly."""
     spacing, (low, high), mean_std, _ = _checked(prep)
     modes = ["bilinear" if k == IMAGE_KEY else "nearest" for k in keys]
     out = load_transforms(keys, reader) + [
@@ -249,8 +316,13 @@ def preprocess_transforms(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY
         Orientationd(keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=spacing, mode=modes),
     ]
-    if prep.crop_foreground:
-        out.append(CropForegroundd(keys, source_key=IMAGE_KEY, select_fn=BodyMask(prep.body_threshold_hu),
+    if body_key is not None:
+        out.append(BodyMaskd(IMAGE_KEY, body_key, prep.body_threshold_hu, prep.body_mask, prep.body_air_hu))
+        if prep.crop_foreground:
+            out.append(CropForegroundd([*keys, body_key], source_key=body_key, margin=CROP_MARGIN_VOXELS,
+                                       allow_smaller=True))
+    elif prep.crop_foreground:
+        out.append(CropForegroundd(keys, source_key=IMAGE_KEY, select_fn=body_mask(prep),
                                    margin=CROP_MARGIN_VOXELS, allow_smaller=True))
     # Clip to [low, high] and z-score in one affine map: (low, high) -> ((low-mean)/std, (high-mean)/std).
     out.append(ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=_normalised(low, mean_std),
@@ -281,9 +353,11 @@ def train_transforms(prep: Preprocessing, data_cfg: DataConfig, keys: KeysCollec
     - ``SpatialPadd`` image (with the value of air after normalisation) and labels (0) up to the
       crop size, so small volumes still yield full patches;
     - ``RandCropByPosNegLabeld``: ``data_cfg.samples_per_volume`` crops per volume, a share
-      ``data_cfg.pos_fraction`` centred on foreground, the rest on background (body voxels only
-      where the intensity clip keeps air apart from tissue, i.e. its low end is below the body
-      threshold; the body crop has already removed most of the air in any case);
+      ``data_cfg.pos_fraction`` centred on foreground, the rest on background: with
+      ``prep.body_mask == "filled"`` anywhere inside the body's filled outline (lungs included;
+      :class:`BodyMaskd` keeps the mask beside the image until here), otherwise on body voxels
+      only where the intensity clip keeps air apart from tissue, i.e. its low end is below the
+      body threshold (the body crop has already removed most of the air in any case);
       the crops are larger than ``prep.patch_size`` when rotation or scaling may follow;
     - :class:`RandRotateScaled` (rotation and scaling, each with its own probability) and a
       centre crop to ``prep.patch_size``; about the slice axis only when the target spacing is
@@ -312,13 +386,23 @@ def train_transforms(prep: Preprocessing, data_cfg: DataConfig, keys: KeysCollec
     rotate_axes = (int(np.argmax(spacing)),) if anisotropic else (0, 1, 2)
     context = _context_size(patch, data_cfg)
     pos = float(data_cfg.pos_fraction)
-    steps: list[Any] = preprocess_transforms(prep, keys, reader)
+    # With the filled outline, background patches are centred anywhere in the body, lungs
+    # included: the mask travels beside the image until the patch is drawn.
+    body = BODY_KEY if prep.body_mask == "filled" else None
+    steps: list[Any] = _preprocess(prep, keys, reader, body)
+    if body is None:
+        sampler = RandCropByPosNegLabeld(keys, label_key=labels[0], spatial_size=context, pos=pos, neg=1.0 - pos,
+                                         num_samples=int(data_cfg.samples_per_volume), image_key=IMAGE_KEY,
+                                         image_threshold=_normalised(prep.body_threshold_hu, mean_std))
+    else:
+        sampler = RandCropByPosNegLabeld([*keys, body], label_key=labels[0], spatial_size=context, pos=pos,
+                                         neg=1.0 - pos, num_samples=int(data_cfg.samples_per_volume),
+                                         image_key=body, image_threshold=0.5)
     steps += [
         SpatialPadd(IMAGE_KEY, spatial_size=context, value=pad_value(prep)),
-        SpatialPadd(labels, spatial_size=context, value=0),
-        RandCropByPosNegLabeld(keys, label_key=labels[0], spatial_size=context, pos=pos, neg=1.0 - pos,
-                               num_samples=int(data_cfg.samples_per_volume), image_key=IMAGE_KEY,
-                               image_threshold=_normalised(prep.body_threshold_hu, mean_std)),
+        SpatialPadd(labels + ([body] if body else []), spatial_size=context, value=0),
+        sampler,
+        *([DeleteItemsd(body)] if body else []),
         RandRotateScaled(keys, patch, aug.rotate_prob, aug.rotate_degrees, aug.scale_prob, aug.scale_range,
                          rotate_axes),
     ]
