@@ -3,11 +3,14 @@ and the network's size measured on the network itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from unetpp3d.config import Preprocessing, config_from_dict, load_config
 from unetpp3d.errors import UserError
@@ -17,6 +20,7 @@ from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import compute_strides, minimum_patch, plan, target_spacing
 from unetpp3d.model.sizing import estimate_memory_gb, parameter_count, saved_activations
 
+REPO = Path(__file__).resolve().parents[1]
 PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)  # index x -> physical y, y -> z, z -> x
 
 
@@ -287,3 +291,14 @@ def test_plan_picks_the_body_mask_per_task():
     assert plan(load_config(None, ["task=lung_nodule"]), fp, echo=None)[1].body_mask == "filled"
     assert plan(load_config(None, ["task=lung_nodule", "data.body_mask=threshold"]), fp, echo=None)[1].body_mask \
         == "threshold"
+
+
+def test_lidc_config_plans_what_its_comments_say():
+    path = REPO / "configs" / "lidc_nodule.yaml"
+    cfg = load_config(path)
+    assert set(yaml.safe_load(path.read_text())["data"]) == {f.name for f in dataclasses.fields(cfg.data)}
+    fp = synthetic_fp(spacing=(0.703125, 0.703125, 1.25), size=(44, 44, 7), n=801)
+    out, prep = plan(cfg, fp, echo=None)
+    assert prep.patch_size == [48, 48, 8] and prep.body_mask == "filled"
+    assert out.model.strides == [[2, 2, 2], [2, 2, 1], [2, 2, 1]] and out.model.features == [32, 64, 128, 256]
+    assert len(out.train.head_weights) == 3
