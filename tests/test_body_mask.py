@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.transforms import CropForegroundd
 
+from unetpp3d.bundle.configs import preprocessing_specs
 from unetpp3d.config import AugmentConfig, DataConfig, Preprocessing
 from unetpp3d.data.body import body_mask_array
 from unetpp3d.data.transforms import (
@@ -154,3 +155,13 @@ def test_background_patches_are_drawn_from_the_lungs_with_the_filled_outline(mak
     share = float(np.mean((centres > -950) & (centres < -700)))  # lung, not air outside (-1000)
     assert share > lung_share if mode == "filled" else share == 0.0
     assert all(BODY_KEY not in p for p in patches)
+
+
+def test_older_preprocessing_keeps_the_threshold_and_bundles_name_the_mask():
+    old = _prep("filled").to_dict()
+    del old["body_mask"], old["body_air_hu"]  # a checkpoint saved before the fields existed
+    assert repr(body_mask(Preprocessing.from_dict(old))) == repr(BodyMask(-500.0, "threshold"))
+    specs = preprocessing_specs(_prep("filled"))
+    select = next(s for s in specs if s["_target_"] == "CropForegroundd")["select_fn"]
+    assert select == {"_target_": "unetpp3d.data.transforms.BodyMask", "threshold_hu": -500.0, "mode": "filled",
+                      "air_hu": -950.0}
