@@ -129,6 +129,8 @@ def _count_saved(key: str, patch: tuple[int, int, int]) -> int:
     sizes: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        # Meta storages have no data pointer, so the storage object's own handle (_cdata) tells
+        # them apart.
         storage = t.untyped_storage()
         # One entry per storage: views and tensors saved by several operations are one allocation.
         # The hook holds the tensor until the forward ends, so no storage address is reused meanwhile.
@@ -149,7 +151,8 @@ def estimate_memory_gb(model_args: Mapping[str, Any], patch: Sequence[int], batc
     without), plus the loss's fp32 values (:data:`LOSS_VALUES_PER_HEAD_VOXEL` per class, voxel
     and head), all times :data:`OVERHEAD_FACTOR`; then :data:`STATE_BYTES_PER_PARAM` per weight
     (:func:`parameter_count`) and :data:`FIXED_GB` for the CUDA context. For the default widths
-    (32..320, four downsamplings by 2) this gives about 15 GB for two 128^3 patches. A model, not
+    (32..320, four downsamplings by 2) this gives about 15 GB for two 128^3 patches (18 GB
+    with ``upsample="trilinear"``, whose interpolated copies are kept at the upper level). A model, not
     a measurement: it leaves out transient buffers of the backward pass and fp32 copies that
     autocast makes for normalisation layers.
 
