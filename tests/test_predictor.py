@@ -161,7 +161,7 @@ def test_infer_on_nrrd_and_dicom_keeps_their_grids(shared_data, ckpt, tmp_path):
                                      dict(mode="accurate", tta=True)])
 def test_modes_run_on_an_input_smaller_than_the_window(ckpt, small_scan, options):
     predictor = Predictor.from_source(ckpt, device="cpu", progress=False, **options)
-    assert predictor.network.prune_level == ({"fast": options.get("prune_level", 2)}.get(options["mode"]))
+    assert predictor.prune_level == ({"fast": options.get("prune_level", 2)}.get(options["mode"]))
     result = predictor.predict(small_scan)  # 40x36x24 voxels at 1.5-2 mm -> 8x7x6 at 8 mm: padded
     assert result.mask_xyz.shape == (40, 36, 24) and result.mask_xyz.dtype == np.uint8
     assert result.probabilities is None  # only kept for nodules unless asked
@@ -303,22 +303,19 @@ def test_infer_writes_nodule_report_and_preview(tmp_path, small_scan):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_default_model_env_then_newest_run(tmp_path, monkeypatch):
+def test_default_model_is_the_newest_run_and_is_named(tmp_path, monkeypatch, small_scan, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("UNETPP3D_MODEL", raising=False)
+    monkeypatch.setenv("UNETPP3D_MODEL", str(tmp_path / "ignored.pt"))  # no side channel: the variable means nothing
     with pytest.raises(UserError, match="unetpp3d train"):
         find_default_model()
     old = save_checkpoint(tmp_path / "runs" / "old" / "last.pt")
     new = save_checkpoint(tmp_path / "runs" / "new" / "best.pt")
     os.utime(old, (1, 1))
     assert find_default_model() == (tmp_path / "runs" / "new").resolve()
-    monkeypatch.setenv("UNETPP3D_MODEL", str(old))
-    assert find_default_model() == old.resolve()
-    assert Predictor.from_source(None, device="cpu").source == str(old.resolve())
-    monkeypatch.setenv("UNETPP3D_MODEL", str(tmp_path / "nope.pt"))
-    with pytest.raises(UserError, match="UNETPP3D_MODEL"):
-        find_default_model()
-    assert new.is_file()
+    assert Predictor.from_source(None, device="cpu").source == str(new.resolve())
+    # `infer` without --model says which model it took
+    assert run_inference([small_scan], tmp_path / "out", device="cpu") == 0
+    assert f"no --model given: using the newest run, {new.resolve()}" in capsys.readouterr().out
 
 
 def write_bundle(folder, payload, ours: bool, inference: dict | None = None):
@@ -367,24 +364,20 @@ def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_pat
 
 @pytest.mark.parametrize("task", ["liver", "lung_nodule"])
 def test_monai_components_alone_reproduce_the_mask(tmp_path, small_scan, task):
-    """What a bundle's inference.json lists (MONAI pieces only) gives the predictor's voxels."""
-    from monai.transforms import AsDiscreted, Compose, Invertd
-
-    from unetpp3d.imageio.readers import SitkReader
-    from unetpp3d.data.transforms import inference_transforms
+    """The predictor's pipeline specs, built by MONAI's ConfigParser alone, give the predictor's voxels."""
+    from monai.bundle import ConfigParser
 
     model = save_checkpoint(tmp_path / "best.pt", task=task)
     predictor = Predictor.from_source(model, device="cpu", mode="fast", progress=False)
     expected = predictor.predict(small_scan).mask_xyz
     assert 0 < np.count_nonzero(expected) < expected.size  # a mask with something to get wrong
 
-    preprocessing = inference_transforms(predictor.prep, reader=SitkReader())
+    parser = ConfigParser(json.loads(json.dumps(predictor.pipeline_config)))  # plain JSON, as a bundle holds it
+    preprocessing, post = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
     data = preprocessing({"image": str(small_scan)})
     network = ProbabilityNet(UNetPlusPlus3D.from_checkpoint(torch.load(model, weights_only=True)), prune_level=2,
                              amp=True)  # as the predictor (and a bundle) run it by default
     with torch.no_grad():
         data["pred"] = predictor.inferer("cpu")(data["image"][None], network.eval())[0]
-    post = Compose([Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False),
-                    AsDiscreted("pred", argmax=True), *predictor.postprocess_transforms("pred")])
     got = np.asarray(post(data)["pred"][0]).astype(np.uint8)
     np.testing.assert_array_equal(got, expected)
