@@ -20,13 +20,13 @@ import torch
 from conftest import write_image
 from torch import nn
 
+from unetpp3d.commands.infer import expand_inputs, run_inference
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.model_loading import find_default_model
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.inference.windows import ProbabilityNet
-from unetpp3d.commands.infer import expand_inputs, run_inference
-from unetpp3d.inference.model_loading import find_default_model
+from unetpp3d.model.network import UNetPlusPlus3D
 
 FEATURES = (4, 8, 16)
 HU_MEAN = 50.0
@@ -40,12 +40,14 @@ def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32)) 
                          patch_size=list(patch), body_threshold_hu=-500.0)
 
 
-def save_checkpoint(path, task: str = "liver", features=FEATURES, **prep_args) -> os.PathLike:
+def save_checkpoint(path, task: str = "liver", features=FEATURES, tta: bool = False, mode: str = "accurate",
+                    prune_level: int | None = None, **prep_args) -> os.PathLike:
     torch.manual_seed(0)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
     cfg = Config(task=task)
     cfg.infer.overlap = 0.25
     cfg.infer.sw_batch_size = 4
+    cfg.infer.tta, cfg.infer.mode, cfg.infer.prune_level = tta, mode, prune_level
     payload = {"model_args": net.model_args, "state_dict": net.state_dict(),
                "preprocessing": make_prep(task, **prep_args).to_dict(), "config": cfg.to_dict(), "epoch": 1}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,34 @@ def test_modes_run_on_an_input_smaller_than_the_window(ckpt, small_scan, options
     assert predictor.overlap == 0.25 and predictor.sw_batch_size == 4  # from the checkpoint's config
 
 
+def test_the_models_infer_settings_are_the_defaults_and_flags_override_them(tmp_path, small_scan, monkeypatch):
+    from typer.testing import CliRunner
+
+    from unetpp3d.commands.cli import app
+
+    model = save_checkpoint(tmp_path / "run" / "best.pt", tta=True)
+    assert Predictor.from_source(model, device="cpu").tta is True  # configs/lung_nodule.yaml's tta: true counts
+    built = []
+    from_source = Predictor.from_source.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(from_source(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(Predictor, "from_source", classmethod(spy))
+    base = ["infer", str(small_scan), "--out", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    for flags, tta in (([], True), (["--no-tta"], False), (["--tta"], True)):
+        result = CliRunner().invoke(app, base + flags)
+        assert result.exit_code == 0, result.output
+        assert built[-1].tta is tta and built[-1].window_net.tta is tta, flags
+    fast = save_checkpoint(tmp_path / "fast" / "best.pt", mode="fast", prune_level=1)
+    assert CliRunner().invoke(app, [*base[:-4], "--model", str(fast), "--device", "cpu"]).exit_code == 0
+    assert (built[-1].mode, built[-1].prune_level) == ("fast", 1)
+    assert CliRunner().invoke(app, [*base[:-4], "--model", str(fast), "--device", "cpu", "--mode",
+                                    "accurate"]).exit_code == 0
+    assert (built[-1].mode, built[-1].prune_level) == ("accurate", None)  # the flag's mode drops the model's level
+
+
 def test_mode_settings_are_checked(ckpt):
     with pytest.raises(UserError, match="depth 2"):
         Predictor.from_source(ckpt, device="cpu", mode="fast", prune_level=3)
@@ -188,6 +218,44 @@ def test_tta_averages_probabilities_over_all_flips():
     expected = sum(torch.softmax(net(x.flip(d)), 1).flip(d) if d else torch.softmax(net(x), 1) for d in flips) / 8
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(1), torch.ones(1, 8, 6, 4))
+
+
+def test_window_nets_sharing_a_network_keep_their_own_level():
+    """A fast (L^1) and an accurate wrapper on one network each give their own output, whichever
+    was built last: the level goes with each call and the network is left as it was."""
+    torch.manual_seed(0)
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        want_fast = torch.softmax(net(x, prune_level=1), 1)
+        want_accurate = torch.softmax(net(x), 1)
+        for order in ("fast first", "accurate first"):
+            if order == "fast first":
+                fast, accurate = ProbabilityNet(net, prune_level=1), ProbabilityNet(net)
+            else:
+                accurate, fast = ProbabilityNet(net), ProbabilityNet(net, prune_level=1)
+            torch.testing.assert_close(fast(x), want_fast, msg=order)
+            torch.testing.assert_close(accurate(x), want_accurate, msg=order)
+    assert not torch.allclose(want_fast, want_accurate)  # the two modes do differ
+    assert not hasattr(net, "prune_level")
+    with pytest.raises(ValueError, match="takes no prune_level"):
+        ProbabilityNet(ThresholdNet(), prune_level=1)
+
+
+def test_accurate_mode_can_combine_heads_as_logits(ckpt, small_scan):
+    """The paper's average of probabilities by default; the old mean of logits on request."""
+    probs = Predictor.from_source(ckpt, device="cpu", progress=False, keep_probabilities=True)
+    logits = Predictor.from_source(ckpt, device="cpu", progress=False, keep_probabilities=True, combine="logits")
+    assert probs.combine == "probabilities" and "as logits" in logits.describe()
+    a, b = probs.predict(small_scan).probabilities, logits.predict(small_scan).probabilities
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_a_window_with_a_single_voxel_bottleneck_is_refused_when_the_predictor_is_built():
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES)  # size divisor 4
+    with pytest.raises(UserError, match=r"windows of 4x4x4 voxels.*single voxel"):
+        Predictor(net, make_prep(patch=(4, 4, 4)), device="cpu")
+    Predictor(net, make_prep(patch=(8, 4, 4)), device="cpu")
 
 
 def test_window_is_rounded_up_to_the_size_divisor():
@@ -347,6 +415,27 @@ def test_bundle_sources(ckpt, tmp_path, small_scan):
         Predictor.from_source(tmp_path / "foreign", device="cpu")
     trusted = Predictor.from_source(tmp_path / "foreign", device="cpu", trust_bundle=True)
     assert isinstance(trusted.network, UNetPlusPlus3D)
+
+
+def test_a_format_1_bundle_still_loads_and_a_newer_one_is_refused(ckpt, tmp_path, small_scan):
+    """Bundles exported before the layout by stage (format 1) are read as data, as before."""
+    payload = torch.load(ckpt, weights_only=True)
+    folder = tmp_path / "old"
+    write_bundle(folder, payload, ours=True)
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta["unetpp3d"] = {"format": 1, "model_args": payload["model_args"],
+                        "preprocessing": payload["preprocessing"], "config": payload["config"]}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    # what a format-1 export wrote: components under their old, flat module names
+    (folder / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": {"_target_": "unetpp3d.network.UNetPlusPlus3D", **payload["model_args"]}}))
+    old = Predictor.from_source(folder, device="cpu", progress=False)
+    new = Predictor.from_source(ckpt, device="cpu", progress=False)
+    np.testing.assert_array_equal(old.predict(small_scan).mask_xyz, new.predict(small_scan).mask_xyz)
+    meta["unetpp3d"]["format"] = 3
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="format 3 is newer"):
+        Predictor.from_source(folder, device="cpu")
 
 
 def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_path):
