@@ -89,7 +89,7 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def autocast_dtype(setting: str | bool, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(setting: str | bool, device: torch.device, name: str = "amp") -> torch.dtype | None:
     """The autocast dtype for a precision setting on ``device``, or None for fp32.
 
     Training (``train.amp``) and inference (``infer --amp/--no-amp``, the bundle's window
@@ -100,6 +100,7 @@ def autocast_dtype(setting: str | bool, device: torch.device) -> torch.dtype | N
             CUDA, fp16 on cards without bf16, bf16 on CPUs with AMX or AVX512-BF16, else fp32),
             ``"bf16"``, ``"fp16"`` or ``"off"``; True means ``"auto"`` and False ``"off"``.
         device: where the forward pass runs.
+        name: the setting's name in messages (``train.amp``, ``--amp``).
 
     Raises:
         UserError: a setting the device cannot run (fp16 on the CPU, bf16 on a card without it)
@@ -110,18 +111,18 @@ def autocast_dtype(setting: str | bool, device: torch.device) -> torch.dtype | N
     elif setting is False:
         setting = "off"
     if setting not in AMP_SETTINGS:
-        raise UserError(f"amp {setting!r}: use one of {', '.join(AMP_SETTINGS)}")
+        raise UserError(f"{name}: {setting!r} is not one of {', '.join(AMP_SETTINGS)}")
     if setting == "off":
         return None
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if setting == "bf16" and not bf16_ok:
-            raise UserError(f"amp bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp16 or auto")
+            raise UserError(f"{name}: {torch.cuda.get_device_name(device)} does not support bf16; use fp16 or auto")
         if setting == "fp16":
             return torch.float16
         return torch.bfloat16 if bf16_ok else torch.float16
     if setting == "fp16":
-        raise UserError("amp fp16: needs a CUDA device; use bf16 or off on the CPU")
+        raise UserError(f"{name}: fp16 needs a CUDA device; use bf16 or off on the CPU")
     if setting == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None

@@ -311,7 +311,7 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
         folder = Path(out_dir) if out_dir else Path(dist.broadcast(str(_default_run_dir(Path(manifest)))))
         _on_rank0(dist, _check_folder, folder, resume, force)
         _resolve(p, man)
-        amp = autocast_dtype(p.cfg.train.amp, dev)
+        amp = autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
 
         _on_rank0(dist, _claim_folder, folder, resume, force)
         trainer = _build_trainer(p, folder, dist, dev, amp)
