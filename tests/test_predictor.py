@@ -198,6 +198,38 @@ def test_the_models_infer_settings_are_the_defaults_and_flags_override_them(tmp_
     assert (built[-1].mode, built[-1].prune_level) == ("accurate", None)  # the flag's mode drops the model's level
 
 
+def test_inference_defaults_have_one_source():
+    import inspect
+
+    from unetpp3d.config import InferConfig
+
+    defaults, params = InferConfig(), inspect.signature(Predictor).parameters
+    for name in ("mode", "prune_level", "tta", "overlap", "sw_batch_size", "min_component_ml"):
+        assert params[name].default == getattr(defaults, name), name
+    flags = inspect.signature(run_inference).parameters  # left None: the model's, else InferConfig's
+    assert all(flags[name].default is None for name in ("mode", "prune_level", "tta", "overlap", "batch_size"))
+
+
+def test_library_code_installs_no_log_handler_and_the_cli_shows_the_log(ckpt, small_scan, tmp_path, monkeypatch,
+                                                                        capsys):
+    import logging
+
+    from unetpp3d.commands.cli import main
+
+    logger = logging.getLogger("unetpp3d")
+    monkeypatch.setattr(logger, "propagate", False)  # as in a program whose root logger has no handler
+    added = []
+    original = logging.Logger.addHandler
+    monkeypatch.setattr(logging.Logger, "addHandler", lambda self, h: (added.append(self.name), original(self, h)))
+    assert run_inference([small_scan], tmp_path / "a", model=ckpt, device="cpu") == 0
+    assert "unetpp3d" not in added and not logger.handlers
+    with pytest.raises(SystemExit) as info:
+        main(["infer", str(small_scan), "--out", str(tmp_path / "b"), "--model", str(ckpt), "--device", "cpu"])
+    assert info.value.code == 0
+    assert f"model: {ckpt}" in capsys.readouterr().err  # the console log, set up by the command line
+    assert not logger.handlers  # and taken down again
+
+
 def test_mode_settings_are_checked(ckpt):
     with pytest.raises(UserError, match="depth 2"):
         Predictor.from_source(ckpt, device="cpu", mode="fast", prune_level=3)
