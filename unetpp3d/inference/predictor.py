@@ -207,8 +207,8 @@ class Predictor:
             log.info("patch size %s rounded up to %s, a multiple of the network's size divisor %s",
                      tuple(self.prep.patch_size), self.roi_size, divisor)
         for net in self.networks:
+            check = getattr(net, "check_input_size", None)
             try:
-                check = getattr(net, "check_input_size", None)
                 if check is not None:
                     check(self.roi_size)
             except ValueError as exc:
