@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a plain checkout too (the GPU machine has no install)
 
-from unetpp3d.hardware import inference_autocast_dtype, keep_freed_memory  # noqa: E402
+from unetpp3d.hardware import autocast_dtype, keep_freed_memory  # noqa: E402
+from unetpp3d.model.fused import flop_counter_mode  # noqa: E402
 from unetpp3d.model.network import UNetPlusPlus3D, load_model  # noqa: E402
 
 CLASSES = 3
@@ -88,10 +88,13 @@ def build(kind: str, device: torch.device, deep_supervision: bool = True, model:
     return net.to(device)
 
 
-def predictor(net, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One logits tensor per call, as a sliding window wants: MONAI's UNet++ returns a list."""
+def predictor(net, kind: str, level: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One logits tensor per call, as a sliding window wants: MONAI's UNet++ returns a list; ours
+    takes its pruning level per call."""
     if kind == "monai_upp":
         return lambda x: net(x)[-1]
+    if kind == "ours" and level is not None:
+        return partial(net, prune_level=level)
     return net
 
 
@@ -100,7 +103,7 @@ def as_list(out) -> list[torch.Tensor]:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter_mode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -318,10 +321,9 @@ def cpu_sliding(table: Table, args) -> None:
 
     def run(net, kind: str, level: int | None = None, bf16: bool = False, ov: float = overlap):
         def go():
-            if kind == "ours":
-                net.prune_level = level
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return sliding_window_inference(vol, roi, swb, predictor(net, kind), overlap=ov, mode="gaussian").float()
+                return sliding_window_inference(vol, roi, swb, predictor(net, kind, level), overlap=ov,
+                                                mode="gaussian").float()
         return go
 
     ours.fused = False  # the reference mask comes from the plain path
@@ -424,20 +426,19 @@ def cpu_endtoend(table: Table, args) -> None:
         runs = {}
         # (variant, extra flags, allocator setting): the command's defaults first, then fp32
         # (--no-amp), then fp32 with glibc's default allocator.
-        settings = (("", [], "1"), (" fp32", ["--no-amp"], "1"), (" fp32 default malloc", ["--no-amp"], "0"))
+        settings = (("", [], []), (" fp32", ["--no-amp"], []), (" fp32 default malloc", ["--no-amp"], ["--no-malloc-tuning"]))
         for mode, mode_flags in (("accurate", []), ("fast L2", ["--mode", "fast", "--prune-level", "2"])):
             for suffix, flags, tuned in settings:
                 def go(args_=mode_flags + flags, tuned=tuned, name=f"{mode}{suffix}"):
                     out = tmp / f"mask {name}.nii.gz"
-                    proc = subprocess.run([sys.executable, "-m", "unetpp3d", "infer", str(tmp / "ct.nii.gz"), "--out",
-                                           str(out), "--model", str(tmp / "best.pt"), "--device", "cpu", *args_],
-                                          capture_output=True, text=True,
-                                          env={**os.environ, "UNETPP3D_MALLOC_TUNING": tuned})
+                    proc = subprocess.run([sys.executable, "-m", "unetpp3d", *tuned, "infer", str(tmp / "ct.nii.gz"),
+                                           "--out", str(out), "--model", str(tmp / "best.pt"), "--device", "cpu",
+                                           *args_], capture_output=True, text=True)
                     if proc.returncode:
                         raise RuntimeError(proc.stderr[-500:])
                 runs[(mode, suffix)] = go
         times = interleaved(runs, rounds, torch.device("cpu"), warmup=0)
-    low = inference_autocast_dtype(torch.device("cpu"))
+    low = autocast_dtype("auto", torch.device("cpu"))
     default_precision = str(low).replace("torch.", "") if low else "fp32 (no native bf16 here)"
     targets = {"accurate": 30.0, "fast L2": 10.0}
     for (mode, suffix), ts in times.items():
@@ -653,11 +654,10 @@ def cuda_infer(table: Table, args) -> None:
         model = compiled or net
 
         def go():
-            if kind == "ours":
-                net.prune_level = level
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtypes[dt] or torch.bfloat16,
                                                         enabled=dtypes[dt] is not None):
-                return sliding_window_inference(vol, roi, swb, predictor(model, kind), overlap=ov, mode="gaussian")
+                return sliding_window_inference(vol, roi, swb, predictor(model, kind, level), overlap=ov,
+                                                mode="gaussian")
         return go
 
     ours.fused = False  # the reference mask comes from the plain path

@@ -214,8 +214,6 @@ def evaluate(net: torch.nn.Module, prep, test: list[Case], prune_level: int | No
         m = score_arrays(pred.mask_xyz, ref, geom.spacing, labels=[1], case=image.name)[0]
         rows.append({"case": image.name, "iou": m.iou, "dice": m.dice, "seconds": pred.seconds,
                      "windows_s": pred.info["windows_s"], "ref_ml": m.ref_ml, "pred_ml": m.pred_ml})
-    if hasattr(net, "prune_level"):
-        net.prune_level = None
     return {"iou": float(np.mean([r["iou"] for r in rows])), "dice": float(np.mean([r["dice"] for r in rows])),
             "seconds": float(np.mean([r["seconds"] for r in rows])), "cases": rows}
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unetpp3d.hardware import inference_autocast_dtype, keep_freed_memory  # noqa: E402
+from unetpp3d.hardware import autocast_dtype, keep_freed_memory  # noqa: E402
 from unetpp3d.inference.predictor import Predictor  # noqa: E402
 from unetpp3d.geometry import align_label_to_image
 from unetpp3d.imageio.readers import read_image  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     keep_freed_memory()
     device = torch.device(args.device)
-    low = inference_autocast_dtype(device)
+    low = autocast_dtype("auto", device)
     print(f"device {device}; reduced precision here: {str(low).replace('torch.', '') if low else 'none (fp32 both)'}")
     predictors = {amp: Predictor.from_source(args.model, device=args.device, mode=args.mode, amp=amp, progress=False)
                   for amp in (False, True)}

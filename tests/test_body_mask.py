@@ -14,7 +14,6 @@ import pytest
 import torch
 from monai.transforms import CropForegroundd
 
-from unetpp3d.bundle.configs import preprocessing_specs
 from unetpp3d.config import AugmentConfig, DataConfig, Preprocessing
 from unetpp3d.data.body import body_mask_array
 from unetpp3d.data.transforms import (
@@ -24,6 +23,7 @@ from unetpp3d.data.transforms import (
     BodyMaskd,
     body_mask,
     eval_transforms,
+    preprocessing_specs,
     split_for_cache,
     train_transforms,
 )

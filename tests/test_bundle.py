@@ -17,21 +17,23 @@ import SimpleITK as sitk
 import torch
 from conftest import write_image
 
-from unetpp3d.bundle import configs as bundle_module
+from unetpp3d.bundle.configs import inference_config, meta_schema_path, verify_metadata
 from unetpp3d.bundle.export import export_bundle
-from unetpp3d.bundle.configs import meta_schema_path, verify_metadata
-from unetpp3d.model.checkpoint import save_checkpoint
-from unetpp3d.config import Config, Preprocessing
-from unetpp3d.errors import UserError
-from unetpp3d.model.network import UNetPlusPlus3D
-from unetpp3d.inference.model_loading import bundle_metadata
 from unetpp3d.commands.infer import run_inference
+from unetpp3d.config import Config, Preprocessing
+from unetpp3d.data.transforms import preprocess_transforms, preprocessing_specs
+from unetpp3d.errors import UserError
+from unetpp3d.inference.model_loading import bundle_metadata
+from unetpp3d.inference.pipeline import inferer_args, window_network_args
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.model.checkpoint import save_checkpoint
+from unetpp3d.model.network import UNetPlusPlus3D
 
 FEATURES = (4, 8, 16)
 AGREEMENT = 0.999  # share of voxels on which the bundle and `unetpp3d infer` must agree
 
 
-def make_payload(task: str = "liver") -> dict:
+def make_payload(task: str = "liver", **infer) -> dict:
     torch.manual_seed(0)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES)
     name = "liver" if task == "liver" else "nodule"
@@ -39,6 +41,8 @@ def make_payload(task: str = "liver") -> dict:
                          intensity_range=[-1000.0, 1000.0], intensity_stats=[50.0, 100.0], patch_size=[32, 32, 32])
     cfg = Config(task=task)
     cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.min_component_ml = 0.25, 4, 0.01
+    for key, value in infer.items():
+        setattr(cfg.infer, key, value)
     return {"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep.to_dict(),
             "config": cfg.to_dict(), "epoch": 7, "best_metric": 0.8125,
             "split": {"fold": 0, "training": ["a", "b", "c"], "validation": ["d"]}}
@@ -127,6 +131,7 @@ def test_layout_metadata_and_docs(bundle, run_dir):
     # the section `unetpp3d infer` reads as plain data is exactly the predictor's own
     payload = torch.load(run_dir / "best.pt", weights_only=True)
     assert meta["unetpp3d"] == json.loads(json.dumps(bundle_metadata(payload)))
+    assert meta["unetpp3d"]["format"] == 2  # the component paths of inference.json changed with the layout
     weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(weights[k], v) for k, v in payload["state_dict"].items())
 
@@ -255,7 +260,7 @@ def test_empty_dataset_dir_is_a_clear_error(bundle, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Other tasks, bad exports, and the guard against drifting from `unetpp3d infer`
+# Other tasks, bad exports, and one pipeline for the bundle and `unetpp3d infer`
 # ---------------------------------------------------------------------------------------------
 
 
@@ -309,15 +314,30 @@ def test_cli_reports_errors_on_one_line(run_dir, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_export_refuses_a_pipeline_that_drifted_from_infer(run_dir, tmp_path, monkeypatch):
-    original = bundle_module.preprocessing_specs
+def test_the_bundle_lists_the_pipeline_the_predictor_runs(bundle, run_dir):
+    """One description: inference.json holds the very specs the predictor instantiated, and training
+    builds its preprocessing from the same specs (with the label key)."""
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    predictor = Predictor.from_source(run_dir, device="cpu", progress=False)
+    pipeline = json.loads(json.dumps(predictor.pipeline_config))
+    assert config["preprocessing"] == pipeline["preprocessing"]
+    assert config["postprocessing"]["transforms"][:-1] == pipeline["postprocessing"]["transforms"]
+    assert config["postprocessing"]["transforms"][-1]["_target_"] == "unetpp3d.bundle.components.SaveMaskd"
+    args = json.loads(json.dumps(inferer_args(predictor.roi_size, predictor.sw_batch_size, predictor.overlap,
+                                              predictor.prep)))
+    assert {k: config["inferer"][k] for k in args} == args
+    window = window_network_args(predictor.tta, predictor.prune_level, amp=True)
+    assert {k: config["window_network"][k] for k in window} == window
+    specs = preprocessing_specs(predictor.prep, ("image",))
+    assert pipeline["preprocessing"]["transforms"] == json.loads(json.dumps(specs))
+    training = preprocess_transforms(predictor.prep, ("image", "label"))
+    assert [type(t).__name__ for t in training] == [s["_target_"].split(".")[-1] for s in specs]
 
-    def drifted(prep):
-        specs = original(prep)
-        specs[-1] = {**specs[-1], "b_min": 0.0}
-        return specs
 
-    monkeypatch.setattr(bundle_module, "preprocessing_specs", drifted)
-    with pytest.raises(RuntimeError, match=r"preprocessing\[5\].*b_min"):
-        export_bundle(run_dir, tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+def test_the_models_infer_settings_are_the_bundles_defaults(tmp_path):
+    save_checkpoint(tmp_path / "fast.pt", make_payload(tta=True, mode="fast", prune_level=1))
+    config = inference_config(Predictor.from_source(tmp_path / "fast.pt", device="cpu", progress=False))
+    assert config["window_network"]["tta"] is True and config["window_network"]["prune_level"] == 1
+    save_checkpoint(tmp_path / "plain.pt", make_payload())
+    config = inference_config(Predictor.from_source(tmp_path / "plain.pt", device="cpu", progress=False))
+    assert config["window_network"]["tta"] is False and config["window_network"]["prune_level"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from unetpp3d import UserError
+from unetpp3d import UNetPlusPlus3D, UserError, load_model
+from unetpp3d.bundle.components import load_network
+from unetpp3d.config import Preprocessing
+from unetpp3d.inference.model_loading import bundle_metadata
+from unetpp3d.inference.predictor import Predictor
 from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path, save_checkpoint
 
 
@@ -53,6 +58,31 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     torch.save({**payload(), "extra": RunsCode(marker)}, evil)  # plain torch.save pickles anything
     with pytest.raises(UserError, match="refused.*could run code"):
         load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_every_model_loader_refuses_such_a_pickle_alike(tmp_path):
+    """Checkpoints, model files, a bundle's weights through infer and through MONAI's runner: one
+    weights-only loader, one refusal."""
+    marker = tmp_path / "code-ran"
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=(4, 8))
+    prep = Preprocessing(task="liver", labels={"0": "background", "1": "liver"}, target_spacing=[1.0] * 3,
+                         intensity_range=[-1.0, 1.0], intensity_stats=[0.0, 1.0], patch_size=[8] * 3)
+    payload = {"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep.to_dict()}
+    evil = tmp_path / "evil.pt"
+    torch.save({**payload, "extra": RunsCode(marker)}, evil)
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"unetpp3d": bundle_metadata(payload)}))
+    torch.save({**net.state_dict(), "extra": RunsCode(marker)}, bundle / "models" / "model.pt")
+    loaders = [lambda: load_checkpoint(evil), lambda: load_model(evil),
+               lambda: Predictor.from_source(evil, device="cpu"),
+               lambda: load_network(net, bundle / "models" / "model.pt"),
+               lambda: Predictor.from_source(bundle, device="cpu")]
+    for load in loaders:
+        with pytest.raises(UserError, match="refused, it holds objects other than weights.*could run code"):
+            load()
     assert not marker.exists()
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
+from torch.utils.flop_counter import flop_registry
 
 from unetpp3d import UNetPlusPlus3D, UserError, load_model
+from unetpp3d.model.fused import flop_counter_mode
 
 FEATURES = (4, 8, 16, 32)  # L = 3
 SIZE = 32
@@ -43,18 +45,53 @@ def test_head_order_is_x01_first(x):
     assert torch.count_nonzero(heads[0]) == 0
     assert all(torch.count_nonzero(h) > 0 for h in heads[1:])
     # and pruning at level 1 uses exactly that head
-    net.eval().prune_level = 1
     with torch.no_grad():
-        assert torch.count_nonzero(net(x)) == 0
+        assert torch.count_nonzero(net.eval()(x, prune_level=1)) == 0
 
 
-def test_eval_returns_mean_of_heads(x):
+def test_eval_returns_the_mean_of_the_heads_probabilities(x):
     net = tiny()
     with torch.no_grad():
         heads = net.train()(x)
         out = net.eval()(x)
+        logits = net(x, combine="logits")
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, SIZE, SIZE, SIZE)
-    torch.testing.assert_close(out, torch.stack(heads).mean(0), rtol=1e-5, atol=1e-5)
+    mean_probs = torch.stack([h.softmax(1) for h in heads]).mean(0)
+    torch.testing.assert_close(out.softmax(1), mean_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, mean_probs.log(), rtol=1e-5, atol=1e-5)  # log-probabilities, exactly
+    torch.testing.assert_close(logits, torch.stack(heads).mean(0), rtol=1e-5, atol=1e-5)
+
+
+class ConstantHead(nn.Module):
+    """A hand-made head: the same logits at every voxel, whatever its input."""
+
+    def __init__(self, *logits: float):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits).view(1, -1, 1, 1, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(features.shape[0], -1, *features.shape[2:])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_accurate_mode_averages_probabilities_not_logits(x, fused):
+    """Two heads fairly sure of class 0 and one head very sure of class 1 (the paper's average
+    of outputs says 0; an average of logits, a normalised geometric mean, lets the one confident
+    head win)."""
+    net = tiny(out_channels=2).eval()
+    net.fused = fused
+    net.heads = nn.ModuleList([ConstantHead(2.0, 0.0), ConstantHead(2.0, 0.0), ConstantHead(0.0, 20.0)])
+    p_sure, p_confident = torch.tensor([2.0, 0.0]).softmax(0), torch.tensor([0.0, 20.0]).softmax(0)
+    expected = (2 * p_sure + p_confident) / 3
+    with torch.no_grad():
+        probs = net(x).softmax(1)
+        by_logits = net(x, combine="logits").softmax(1)
+    torch.testing.assert_close(probs[0, :, 0, 0, 0], expected)
+    assert (probs.argmax(1) == 0).all()  # mean probability of class 0: 0.59
+    torch.testing.assert_close(by_logits[0, :, 0, 0, 0], torch.tensor([4 / 3, 20 / 3]).softmax(0))
+    assert (by_logits.argmax(1) == 1).all()
+    with pytest.raises(ValueError, match="combine"):
+        net(x, combine="geometric")
 
 
 @pytest.mark.parametrize("norm", ["instance", "group"])  # batch norm differs between train and eval
@@ -64,42 +101,53 @@ def test_pruned_output_equals_the_full_networks_head(x, norm):
         heads = net.train()(x)
         net.eval()
         for level in range(1, net.depth + 1):
-            net.prune_level = level
-            torch.testing.assert_close(net(x), heads[level - 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(net(x, prune_level=level), heads[level - 1], rtol=1e-5, atol=1e-5)
 
 
 def test_flops_strictly_increase_with_prune_level(x):
     net = tiny().eval()
     flops = []
     for level in range(1, net.depth + 1):
-        net.prune_level = level
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(x[:1])
+        with flop_counter_mode(display=False) as counter, torch.no_grad():
+            net(x[:1], prune_level=level)
         flops.append(counter.get_total_flops())
-    net.prune_level = None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter_mode(display=False) as counter, torch.no_grad():
         net(x[:1])
     assert all(a < b for a, b in zip(flops, flops[1:])), flops
     assert flops[-1] <= counter.get_total_flops()  # accurate mode adds only the extra heads
 
 
+def test_flop_counting_registers_nothing_in_torch_and_counts_both_paths(x):
+    """The fused path's direct oneDNN convolutions are counted by flop_counter_mode alone;
+    importing the network leaves torch's process-wide FLOP registry as it was."""
+    assert torch.ops.aten.mkldnn_convolution not in flop_registry  # this module imported the network above
+    net = tiny().eval()
+    counts = []
+    for fused in (True, False):
+        net.fused = fused
+        with flop_counter_mode(display=False) as counter, torch.no_grad():
+            net(x[:1])  # fp32, batch 1, no grad: the fused path calls oneDNN directly
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
 def test_bad_prune_level_is_refused(x):
     net = tiny().eval()
-    net.prune_level = 4
     with pytest.raises(ValueError, match="prune_level"):
-        net(x)
+        net(x, prune_level=4)
     single = tiny(deep_supervision=False).eval()
-    single.prune_level = 1
     with pytest.raises(ValueError, match="deep supervision"):
-        single(x)
+        single(x, prune_level=1)
+    with pytest.raises(ValueError, match="inference"):
+        tiny().train()(x, prune_level=1)
 
 
 def test_without_deep_supervision_there_is_one_head(x):
     net = tiny(deep_supervision=False)
     assert len(net.heads) == 1
     assert net.train()(x).shape == (2, 3, SIZE, SIZE, SIZE)
-    net.eval().prune_level = net.depth  # pruning to the full depth is the full network
-    assert net(x).shape == (2, 3, SIZE, SIZE, SIZE)
+    # pruning to the full depth is the full network
+    assert net.eval()(x, prune_level=net.depth).shape == (2, 3, SIZE, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "group"])
@@ -118,6 +166,27 @@ def test_wrong_input_size_names_the_multiple_needed():
         net(torch.zeros(1, 1, 32, 30, 32))
     with pytest.raises(ValueError, match="batch, channels"):
         net(torch.zeros(1, 32, 32, 32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_single_voxel_bottleneck_is_refused_on_both_paths(fused):
+    """8^3 through three stride-2 steps leaves X^{3,0} one voxel, which instance norm turns into a
+    constant. The reference path raised PyTorch's error, the fused path ran silently; both now
+    give the same message, saying what to do."""
+    net = tiny()
+    net.fused = fused
+    for mode in (net.train, net.eval):
+        mode()
+        with pytest.raises(ValueError, match=r"single voxel.*instance norm.*\(16, 8, 8\)"):
+            net(torch.randn(1, 1, 8, 8, 8))
+    with torch.no_grad():
+        net.eval()(torch.randn(1, 1, 16, 8, 8))  # two voxels along one axis: fine
+        # Norms whose statistics span several values stay allowed: group norm with 4 channels a
+        # group (32 channels, 8 groups), batch norm (the batch in training, running averages in eval).
+        for norm in ("group", "batch"):
+            other = tiny(norm=norm).eval()
+            other.fused = fused
+            other(torch.randn(1, 1, 8, 8, 8))
 
 
 def test_anisotropic_strides_keep_thick_slices():
@@ -144,10 +213,10 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, x):
 
 
 def test_load_refuses_missing_and_foreign_files(tmp_path):
-    with pytest.raises(UserError, match="no such model file"):
+    with pytest.raises(UserError, match="no such checkpoint"):
         load_model(tmp_path / "absent.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="not a unetpp3d model"):
+    with pytest.raises(UserError, match="not a unetpp3d checkpoint"):
         load_model(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="junk.pt"):

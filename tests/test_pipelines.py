@@ -28,7 +28,8 @@ from unetpp3d.commands.cli import main as cli_main
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
 from unetpp3d.model.network import UNetPlusPlus3D
-from unetpp3d.inference.postprocess import largest_component_filled, postprocess_transforms
+from unetpp3d.inference.pipeline import postprocess_transforms
+from unetpp3d.inference.postprocess import largest_component_filled
 from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
 from unetpp3d.inference.predictor import Predictor
 

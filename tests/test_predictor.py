@@ -20,13 +20,13 @@ import torch
 from conftest import write_image
 from torch import nn
 
+from unetpp3d.commands.infer import expand_inputs, run_inference
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.inference.model_loading import find_default_model
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.inference.windows import ProbabilityNet
-from unetpp3d.commands.infer import expand_inputs, run_inference
-from unetpp3d.inference.model_loading import find_default_model
+from unetpp3d.model.network import UNetPlusPlus3D
 
 FEATURES = (4, 8, 16)
 HU_MEAN = 50.0
@@ -40,12 +40,14 @@ def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32)) 
                          patch_size=list(patch), body_threshold_hu=-500.0)
 
 
-def save_checkpoint(path, task: str = "liver", features=FEATURES, **prep_args) -> os.PathLike:
+def save_checkpoint(path, task: str = "liver", features=FEATURES, tta: bool = False, mode: str = "accurate",
+                    prune_level: int | None = None, **prep_args) -> os.PathLike:
     torch.manual_seed(0)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
     cfg = Config(task=task)
     cfg.infer.overlap = 0.25
     cfg.infer.sw_batch_size = 4
+    cfg.infer.tta, cfg.infer.mode, cfg.infer.prune_level = tta, mode, prune_level
     payload = {"model_args": net.model_args, "state_dict": net.state_dict(),
                "preprocessing": make_prep(task, **prep_args).to_dict(), "config": cfg.to_dict(), "epoch": 1}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,11 +163,71 @@ def test_infer_on_nrrd_and_dicom_keeps_their_grids(shared_data, ckpt, tmp_path):
                                      dict(mode="accurate", tta=True)])
 def test_modes_run_on_an_input_smaller_than_the_window(ckpt, small_scan, options):
     predictor = Predictor.from_source(ckpt, device="cpu", progress=False, **options)
-    assert predictor.network.prune_level == ({"fast": options.get("prune_level", 2)}.get(options["mode"]))
+    assert predictor.prune_level == ({"fast": options.get("prune_level", 2)}.get(options["mode"]))
     result = predictor.predict(small_scan)  # 40x36x24 voxels at 1.5-2 mm -> 8x7x6 at 8 mm: padded
     assert result.mask_xyz.shape == (40, 36, 24) and result.mask_xyz.dtype == np.uint8
     assert result.probabilities is None  # only kept for nodules unless asked
     assert predictor.overlap == 0.25 and predictor.sw_batch_size == 4  # from the checkpoint's config
+
+
+def test_the_models_infer_settings_are_the_defaults_and_flags_override_them(tmp_path, small_scan, monkeypatch):
+    from typer.testing import CliRunner
+
+    from unetpp3d.commands.cli import app
+
+    model = save_checkpoint(tmp_path / "run" / "best.pt", tta=True)
+    assert Predictor.from_source(model, device="cpu").tta is True  # configs/lung_nodule.yaml's tta: true counts
+    built = []
+    from_source = Predictor.from_source.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(from_source(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(Predictor, "from_source", classmethod(spy))
+    base = ["infer", str(small_scan), "--out", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    for flags, tta in (([], True), (["--no-tta"], False), (["--tta"], True)):
+        result = CliRunner().invoke(app, base + flags)
+        assert result.exit_code == 0, result.output
+        assert built[-1].tta is tta and built[-1].window_net.tta is tta, flags
+    fast = save_checkpoint(tmp_path / "fast" / "best.pt", mode="fast", prune_level=1)
+    assert CliRunner().invoke(app, [*base[:-4], "--model", str(fast), "--device", "cpu"]).exit_code == 0
+    assert (built[-1].mode, built[-1].prune_level) == ("fast", 1)
+    assert CliRunner().invoke(app, [*base[:-4], "--model", str(fast), "--device", "cpu", "--mode",
+                                    "accurate"]).exit_code == 0
+    assert (built[-1].mode, built[-1].prune_level) == ("accurate", None)  # the flag's mode drops the model's level
+
+
+def test_inference_defaults_have_one_source():
+    import inspect
+
+    from unetpp3d.config import InferConfig
+
+    defaults, params = InferConfig(), inspect.signature(Predictor).parameters
+    for name in ("mode", "prune_level", "tta", "overlap", "sw_batch_size", "min_component_ml"):
+        assert params[name].default == getattr(defaults, name), name
+    flags = inspect.signature(run_inference).parameters  # left None: the model's, else InferConfig's
+    assert all(flags[name].default is None for name in ("mode", "prune_level", "tta", "overlap", "batch_size"))
+
+
+def test_library_code_installs_no_log_handler_and_the_cli_shows_the_log(ckpt, small_scan, tmp_path, monkeypatch,
+                                                                        capsys):
+    import logging
+
+    from unetpp3d.commands.cli import main
+
+    logger = logging.getLogger("unetpp3d")
+    monkeypatch.setattr(logger, "propagate", False)  # as in a program whose root logger has no handler
+    added = []
+    original = logging.Logger.addHandler
+    monkeypatch.setattr(logging.Logger, "addHandler", lambda self, h: (added.append(self.name), original(self, h)))
+    assert run_inference([small_scan], tmp_path / "a", model=ckpt, device="cpu") == 0
+    assert "unetpp3d" not in added and not logger.handlers
+    with pytest.raises(SystemExit) as info:
+        main(["infer", str(small_scan), "--out", str(tmp_path / "b"), "--model", str(ckpt), "--device", "cpu"])
+    assert info.value.code == 0
+    assert f"model: {ckpt}" in capsys.readouterr().err  # the console log, set up by the command line
+    assert not logger.handlers  # and taken down again
 
 
 def test_mode_settings_are_checked(ckpt):
@@ -188,6 +250,44 @@ def test_tta_averages_probabilities_over_all_flips():
     expected = sum(torch.softmax(net(x.flip(d)), 1).flip(d) if d else torch.softmax(net(x), 1) for d in flips) / 8
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got.sum(1), torch.ones(1, 8, 6, 4))
+
+
+def test_window_nets_sharing_a_network_keep_their_own_level():
+    """A fast (L^1) and an accurate wrapper on one network each give their own output, whichever
+    was built last: the level goes with each call and the network is left as it was."""
+    torch.manual_seed(0)
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        want_fast = torch.softmax(net(x, prune_level=1), 1)
+        want_accurate = torch.softmax(net(x), 1)
+        for order in ("fast first", "accurate first"):
+            if order == "fast first":
+                fast, accurate = ProbabilityNet(net, prune_level=1), ProbabilityNet(net)
+            else:
+                accurate, fast = ProbabilityNet(net), ProbabilityNet(net, prune_level=1)
+            torch.testing.assert_close(fast(x), want_fast, msg=order)
+            torch.testing.assert_close(accurate(x), want_accurate, msg=order)
+    assert not torch.allclose(want_fast, want_accurate)  # the two modes do differ
+    assert not hasattr(net, "prune_level")
+    with pytest.raises(ValueError, match="takes no prune_level"):
+        ProbabilityNet(ThresholdNet(), prune_level=1)
+
+
+def test_accurate_mode_can_combine_heads_as_logits(ckpt, small_scan):
+    """The paper's average of probabilities by default; the old mean of logits on request."""
+    probs = Predictor.from_source(ckpt, device="cpu", progress=False, keep_probabilities=True)
+    logits = Predictor.from_source(ckpt, device="cpu", progress=False, keep_probabilities=True, combine="logits")
+    assert probs.combine == "probabilities" and "as logits" in logits.describe()
+    a, b = probs.predict(small_scan).probabilities, logits.predict(small_scan).probabilities
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_a_window_with_a_single_voxel_bottleneck_is_refused_when_the_predictor_is_built():
+    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES)  # size divisor 4
+    with pytest.raises(UserError, match=r"windows of 4x4x4 voxels.*single voxel"):
+        Predictor(net, make_prep(patch=(4, 4, 4)), device="cpu")
+    Predictor(net, make_prep(patch=(8, 4, 4)), device="cpu")
 
 
 def test_window_is_rounded_up_to_the_size_divisor():
@@ -303,22 +403,19 @@ def test_infer_writes_nodule_report_and_preview(tmp_path, small_scan):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_default_model_env_then_newest_run(tmp_path, monkeypatch):
+def test_default_model_is_the_newest_run_and_is_named(tmp_path, monkeypatch, small_scan, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("UNETPP3D_MODEL", raising=False)
+    monkeypatch.setenv("UNETPP3D_MODEL", str(tmp_path / "ignored.pt"))  # no side channel: the variable means nothing
     with pytest.raises(UserError, match="unetpp3d train"):
         find_default_model()
     old = save_checkpoint(tmp_path / "runs" / "old" / "last.pt")
     new = save_checkpoint(tmp_path / "runs" / "new" / "best.pt")
     os.utime(old, (1, 1))
     assert find_default_model() == (tmp_path / "runs" / "new").resolve()
-    monkeypatch.setenv("UNETPP3D_MODEL", str(old))
-    assert find_default_model() == old.resolve()
-    assert Predictor.from_source(None, device="cpu").source == str(old.resolve())
-    monkeypatch.setenv("UNETPP3D_MODEL", str(tmp_path / "nope.pt"))
-    with pytest.raises(UserError, match="UNETPP3D_MODEL"):
-        find_default_model()
-    assert new.is_file()
+    assert Predictor.from_source(None, device="cpu").source == str(new.resolve())
+    # `infer` without --model says which model it took
+    assert run_inference([small_scan], tmp_path / "out", device="cpu") == 0
+    assert f"no --model given: using the newest run, {new.resolve()}" in capsys.readouterr().out
 
 
 def write_bundle(folder, payload, ours: bool, inference: dict | None = None):
@@ -352,6 +449,27 @@ def test_bundle_sources(ckpt, tmp_path, small_scan):
     assert isinstance(trusted.network, UNetPlusPlus3D)
 
 
+def test_a_format_1_bundle_still_loads_and_a_newer_one_is_refused(ckpt, tmp_path, small_scan):
+    """Bundles exported before the layout by stage (format 1) are read as data, as before."""
+    payload = torch.load(ckpt, weights_only=True)
+    folder = tmp_path / "old"
+    write_bundle(folder, payload, ours=True)
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta["unetpp3d"] = {"format": 1, "model_args": payload["model_args"],
+                        "preprocessing": payload["preprocessing"], "config": payload["config"]}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    # what a format-1 export wrote: components under their old, flat module names
+    (folder / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": {"_target_": "unetpp3d.network.UNetPlusPlus3D", **payload["model_args"]}}))
+    old = Predictor.from_source(folder, device="cpu", progress=False)
+    new = Predictor.from_source(ckpt, device="cpu", progress=False)
+    np.testing.assert_array_equal(old.predict(small_scan).mask_xyz, new.predict(small_scan).mask_xyz)
+    meta["unetpp3d"]["format"] = 3
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="format 3 is newer"):
+        Predictor.from_source(folder, device="cpu")
+
+
 def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_path):
     from typer.testing import CliRunner
 
@@ -367,24 +485,20 @@ def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_pat
 
 @pytest.mark.parametrize("task", ["liver", "lung_nodule"])
 def test_monai_components_alone_reproduce_the_mask(tmp_path, small_scan, task):
-    """What a bundle's inference.json lists (MONAI pieces only) gives the predictor's voxels."""
-    from monai.transforms import AsDiscreted, Compose, Invertd
-
-    from unetpp3d.imageio.readers import SitkReader
-    from unetpp3d.data.transforms import inference_transforms
+    """The predictor's pipeline specs, built by MONAI's ConfigParser alone, give the predictor's voxels."""
+    from monai.bundle import ConfigParser
 
     model = save_checkpoint(tmp_path / "best.pt", task=task)
     predictor = Predictor.from_source(model, device="cpu", mode="fast", progress=False)
     expected = predictor.predict(small_scan).mask_xyz
     assert 0 < np.count_nonzero(expected) < expected.size  # a mask with something to get wrong
 
-    preprocessing = inference_transforms(predictor.prep, reader=SitkReader())
+    parser = ConfigParser(json.loads(json.dumps(predictor.pipeline_config)))  # plain JSON, as a bundle holds it
+    preprocessing, post = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
     data = preprocessing({"image": str(small_scan)})
     network = ProbabilityNet(UNetPlusPlus3D.from_checkpoint(torch.load(model, weights_only=True)), prune_level=2,
                              amp=True)  # as the predictor (and a bundle) run it by default
     with torch.no_grad():
         data["pred"] = predictor.inferer("cpu")(data["image"][None], network.eval())[0]
-    post = Compose([Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False),
-                    AsDiscreted("pred", argmax=True), *predictor.postprocess_transforms("pred")])
     got = np.asarray(post(data)["pred"][0]).astype(np.uint8)
     np.testing.assert_array_equal(got, expected)

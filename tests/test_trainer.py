@@ -27,7 +27,7 @@ from unetpp3d.config import TrainConfig, load_config
 from unetpp3d.data.loader import EpochSampler, TrainLoader
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
 from unetpp3d.synth.phantom import write_dataset
-from unetpp3d.training.optim import amp_dtype, lr_factor
+from unetpp3d.training.optim import lr_factor
 from unetpp3d.commands.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,12 +288,6 @@ def test_schedules():
     factors = [lr_factor(e, cosine) for e in range(10)]
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert all(a > b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
-
-
-def test_amp_is_off_on_cpu_unless_bf16_is_asked_for():
-    cpu = torch.device("cpu")
-    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
-    assert amp_dtype("bf16", cpu) is torch.bfloat16
 
 
 def test_sampler_ranks_draw_disjoint_cases_and_epochs_differ():

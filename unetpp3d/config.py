@@ -17,9 +17,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from unetpp3d.errors import UserError
+from unetpp3d.tasks import TASKS
 
 AUTO = "auto"
-TASKS = ("liver", "lung_nodule")
 
 
 @dataclass
@@ -94,12 +94,22 @@ class TrainConfig:
     deterministic: bool = False
 
 
+# The pruned UNet++ L^l that fast mode runs when infer.prune_level is null (capped at the depth).
+FAST_PRUNE_LEVEL = 2
+
+
 @dataclass
 class InferConfig:
+    """Inference settings: the one set of defaults for ``unetpp3d infer``, the predictor and bundles.
+
+    A model's own ``infer`` section (saved with its config) overrides these defaults; a flag of
+    ``unetpp3d infer`` overrides the model's value.
+    """
+
     overlap: float = 0.5
     sw_batch_size: int = 2
     mode: Literal["accurate", "fast"] = "accurate"
-    prune_level: Union[int, None] = None
+    prune_level: Union[int, None] = None  # fast mode's UNet++ L^l; null: FAST_PRUNE_LEVEL
     tta: bool = False
     min_component_ml: float = 0.0  # lung nodules: drop components smaller than this
 

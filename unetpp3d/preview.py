@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from unetpp3d.atomic import atomic_path
+from unetpp3d.tasks import ABDOMEN_WINDOW
 
 # --------------------------------------------------------------------------------------------
 # Training curves (metrics.csv -> curves.png)
@@ -87,9 +88,6 @@ def save_curves_png(metrics_csv: str | Path, png_path: str | Path) -> Path:
 # Masks over scans
 # --------------------------------------------------------------------------------------------
 
-# Soft-tissue window (W400/L40) widened a little so that fat and contrast stay distinguishable.
-ABDOMEN_WINDOW = (-160.0, 240.0)
-LUNG_WINDOW = (-1350.0, 150.0)  # W1500 / L-600
 _LABEL_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa", "#ff2d55"]
 
 
@@ -138,8 +136,9 @@ def save_overlay_png(image_xyz: np.ndarray, mask_xyz: np.ndarray, geometry: Any,
         geometry: the grid (``spacing`` and SimpleITK ``direction``), e.g. a readers.Geometry.
         path: the PNG to write.
         title: text above the panels (e.g. the case name).
-        window: intensity window (low, high); default a soft-tissue CT window, falling back to
-            the 1st-99th percentile for images that are not in HU.
+        window: intensity window (low, high), e.g. the task's ``preview_window``
+            (:func:`unetpp3d.tasks.task_rules`); default a soft-tissue CT window. Images that are
+            not in HU fall back to their 1st-99th percentile.
 
     Returns:
         The path written.

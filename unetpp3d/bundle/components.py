@@ -11,15 +11,23 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import decollate_batch
 from monai.transforms import MapTransform
 from torch import nn
 
+from unetpp3d.data.manifest import case_name
+from unetpp3d.data.transforms import IMAGE_KEY
 from unetpp3d.errors import UserError
+from unetpp3d.geometry import Geometry
+from unetpp3d.imageio.writer import write_mask
+from unetpp3d.inference.inputs import expand_inputs
+from unetpp3d.inference.pipeline import PRED_KEY
+from unetpp3d.model.checkpoint import load_state_dict
 
 log = logging.getLogger("unetpp3d")
 
 
-IMAGE_KEY, PRED_KEY, NAME_KEY = "image", "pred", "name"
+NAME_KEY = "name"
 
 
 def scan_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
@@ -31,8 +39,6 @@ def scan_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     Raises:
         UserError: the folder is missing, holds no scans, or holds inputs that cannot be read.
     """
-    from unetpp3d.commands.infer import expand_inputs
-
     cases = expand_inputs([dataset_dir])
     bad = [c for c in cases if c.error]
     if bad:
@@ -42,7 +48,7 @@ def scan_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def load_network(network: nn.Module, weights: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a state dict (``weights_only=True``) into ``network``; return it on ``device`` in eval mode.
+    """Load a state dict into ``network`` (:func:`~unetpp3d.model.checkpoint.load_state_dict`, weights only); return it on ``device`` in eval mode.
 
     Raises:
         UserError: the weights file is missing, unreadable, or does not fit the network.
@@ -50,10 +56,7 @@ def load_network(network: nn.Module, weights: str | os.PathLike, device: str | t
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"{path}: no weights file; pass --bundle_root with the bundle folder")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unsafe or corrupt files
-        raise UserError(f"{path}: cannot load as weights only ({type(exc).__name__})") from None
+    state = load_state_dict(path)
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
@@ -87,10 +90,6 @@ class SaveMaskd(MapTransform):
         self.meta_key, self.name_key, self.suffix = meta_key, name_key, suffix
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from unetpp3d.data.manifest import case_name
-        from unetpp3d.geometry import Geometry
-        from unetpp3d.imageio.writer import write_mask
-
         d = dict(data)
         meta = getattr(d[self.meta_key], "meta", None) or {}
         if "geometry" not in meta:
@@ -136,8 +135,6 @@ class BundleEvaluator:
     @torch.no_grad()
     def run(self) -> int:
         """Segment every case; return how many were done."""
-        from monai.data import decollate_batch
-
         self.network.eval()
         done = 0
         for batch in self.val_data_loader:

@@ -9,12 +9,24 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import monai
 import numpy as np
 import torch
+from monai.bundle import verify_metadata as monai_verify_metadata
 
-from unetpp3d.bundle.components import IMAGE_KEY, NAME_KEY, PRED_KEY
-from unetpp3d.config import Preprocessing
-from unetpp3d.errors import UserError
+from unetpp3d.bundle.components import (
+    NAME_KEY,
+    BundleEvaluator,
+    SaveMaskd,
+    load_network,
+    scan_datalist,
+)
+from unetpp3d.data.transforms import IMAGE_KEY
+from unetpp3d.inference.model_loading import BUNDLE_METADATA_KEY, bundle_metadata
+from unetpp3d.inference.pipeline import PRED_KEY, inferer_args, window_network_args
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.inference.windows import ProbabilityNet
+from unetpp3d.model.network import UNetPlusPlus3D
 
 BUNDLE_VERSION = "0.1.0"
 
@@ -41,99 +53,54 @@ REFERENCES = ["Zhou Z, Rahman Siddiquee MM, Tajbakhsh N, Liang J. UNet++: A Nest
               "Image Segmentation. DLMIA 2018. arXiv:1807.10165"]
 
 
-def preprocessing_specs(prep: Preprocessing) -> list[dict[str, Any]]:
-    """``transforms.inference_transforms(prep)`` as ``_target_`` specs for a bundle config."""
-    from unetpp3d.data import transforms as T
+def inference_config(predictor: Predictor) -> dict[str, Any]:
+    """``configs/inference.json``: the predictor's own pipeline, plus the bundle's folder reader and writer.
 
-    spacing, (low, high), mean_std, _ = T._checked(prep)
-    keys = [IMAGE_KEY]
-    specs: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": keys, "reader": {"_target_": "unetpp3d.imageio.readers.SitkReader"},
-         "image_only": True, "ensure_channel_first": True},
-        {"_target_": "EnsureTyped", "keys": keys, "dtype": "float32"},
-        {"_target_": "Orientationd", "keys": keys, "axcodes": prep.orientation,
-         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
-        {"_target_": "Spacingd", "keys": keys, "pixdim": spacing, "mode": ["bilinear"]},
-    ]
-    if prep.crop_foreground:
-        specs.append({"_target_": "CropForegroundd", "keys": keys, "source_key": IMAGE_KEY,
-                      "select_fn": {"_target_": "unetpp3d.data.transforms.BodyMask", "threshold_hu": prep.body_threshold_hu,
-                                    "mode": prep.body_mask, "air_hu": prep.body_air_hu},
-                      "margin": T.CROP_MARGIN_VOXELS, "allow_smaller": True})
-    specs.append({"_target_": "ScaleIntensityRanged", "keys": IMAGE_KEY, "a_min": low, "a_max": high,
-                  "b_min": T._normalised(low, mean_std), "b_max": T._normalised(high, mean_std), "clip": True})
-    return specs
-
-
-def postprocessing_specs(prep: Preprocessing, min_component_ml: float) -> list[dict[str, Any]]:
-    """What the predictor does after the windows, as specs: invert, argmax, the task's clean-up, write."""
-    labels = sorted(int(k) for k in prep.labels if int(k) != 0)
-    specs: list[dict[str, Any]] = [
-        {"_target_": "Invertd", "keys": PRED_KEY, "transform": "@preprocessing", "orig_keys": IMAGE_KEY,
-         "nearest_interp": False, "to_tensor": True},
-        {"_target_": "AsDiscreted", "keys": PRED_KEY, "argmax": True},
-    ]
-    if prep.task == "liver" and len(labels) > 1:  # liver and tumour: their union (postprocess.largest_component_filled)
-        specs += [
-            {"_target_": "KeepLargestConnectedComponentd", "keys": PRED_KEY, "applied_labels": labels,
-             "is_onehot": False, "independent": False},
-            {"_target_": "unetpp3d.inference.postprocess.FillForegroundHolesd", "keys": PRED_KEY, "labels": labels,
-             "value": labels[0]},
-        ]
-    elif prep.task == "liver":
-        specs += [
-            {"_target_": "KeepLargestConnectedComponentd", "keys": PRED_KEY, "applied_labels": labels,
-             "is_onehot": False, "independent": True},
-            {"_target_": "FillHolesd", "keys": PRED_KEY, "applied_labels": labels, "connectivity": 1},
-        ]
-    elif prep.task == "lung_nodule":
-        specs.append({"_target_": "unetpp3d.inference.postprocess.RemoveSmallComponentsd", "keys": PRED_KEY,
-                      "min_ml": float(min_component_ml), "labels": labels})
-    else:
-        raise UserError(f"preprocessing.task {prep.task!r}: no post-processing known; expected liver or lung_nodule")
-    specs.append({"_target_": "unetpp3d.bundle.components.SaveMaskd", "keys": PRED_KEY, "output_dir": "@output_dir",
-                  "meta_key": IMAGE_KEY, "name_key": NAME_KEY})
-    return specs
-
-
-def inference_config(predictor: Any) -> dict[str, Any]:
-    """``configs/inference.json`` for a :class:`~unetpp3d.inference.predictor.Predictor` in accurate mode without TTA.
+    ``preprocessing`` and the ``postprocessing`` up to the writer are the predictor's
+    :attr:`~unetpp3d.inference.predictor.Predictor.pipeline_config`, the specs it instantiated
+    itself; the window network and the inferer take the same arguments as the predictor's
+    (:mod:`unetpp3d.inference.pipeline`). TTA and fast mode are the model's own settings.
 
     Args:
-        predictor: built from the checkpoint (its preprocessing, window size, overlap, batch
-            size and minimum nodule volume are the ones written).
+        predictor: built from the checkpoint with the model's own inference settings.
     """
-    from unetpp3d.data import transforms as T
-
-    prep = predictor.prep
+    pipeline = predictor.pipeline_config
+    window = window_network_args(predictor.tta, predictor.prune_level, amp=True)
     return {
         "bundle_root": ".",
         "dataset_dir": "$@bundle_root + '/data'",
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "unetpp3d.model.network.UNetPlusPlus3D", **predictor.network.model_args},
-        "network": {"_target_": "unetpp3d.bundle.components.load_network", "network": "@network_def",
+        "network_def": {"_target_": _target(UNetPlusPlus3D), **predictor.network.model_args},
+        "network": {"_target_": _target(load_network), "network": "@network_def",
                     "weights": "$@bundle_root + '/models/model.pt'", "device": "@device"},
         # Softmax per window (and the 8-flip average with tta), so windows blend probabilities as in `infer`.
-        "window_network": {"_target_": "unetpp3d.inference.windows.ProbabilityNet", "net": "@network", "tta": False,
-                           "prune_level": None, "amp": True},
-        "datalist": {"_target_": "unetpp3d.bundle.components.scan_datalist", "dataset_dir": "@dataset_dir"},
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing_specs(prep)},
+        "window_network": {"_target_": _target(ProbabilityNet), "net": "@network", **window},
+        "datalist": {"_target_": _target(scan_datalist), "dataset_dir": "@dataset_dir"},
+        "preprocessing": pipeline["preprocessing"],
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [int(v) for v in predictor.roi_size],
-                    "sw_batch_size": predictor.sw_batch_size, "overlap": predictor.overlap, "mode": "gaussian",
-                    "padding_mode": "constant", "cval": T.pad_value(prep), "progress": False},
-        "postprocessing": {"_target_": "Compose",
-                           "transforms": postprocessing_specs(prep, predictor.min_component_ml)},
-        "evaluator": {"_target_": "unetpp3d.bundle.components.BundleEvaluator", "device": "@device",
+        "inferer": {"_target_": "SlidingWindowInferer",
+                    **inferer_args(predictor.roi_size, predictor.sw_batch_size, predictor.overlap, predictor.prep),
+                    "progress": False},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            *pipeline["postprocessing"]["transforms"],
+            {"_target_": _target(SaveMaskd), "keys": PRED_KEY, "output_dir": "@output_dir", "meta_key": IMAGE_KEY,
+             "name_key": NAME_KEY},
+        ]},
+        "evaluator": {"_target_": _target(BundleEvaluator), "device": "@device",
                       "val_data_loader": "@dataloader", "network": "@window_network", "inferer": "@inferer",
                       "postprocessing": "@postprocessing"},
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
         "finalize": [],
     }
+
+
+def _target(obj: Any) -> str:
+    """The dotted path a config names a unetpp3d class or function by (followed when it moves)."""
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def _version(package: str) -> str:
@@ -147,12 +114,8 @@ def _base_version(version: str) -> str:
     return version.split("+")[0]  # "2.13.0+cpu" -> "2.13.0": the build tag is about the machine
 
 
-def metadata_config(payload: dict[str, Any], predictor: Any, source: Path) -> dict[str, Any]:
+def metadata_config(payload: dict[str, Any], predictor: Predictor, source: Path) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's documented fields plus the ``unetpp3d`` section ``infer`` reads."""
-    import monai
-
-    from unetpp3d.inference.model_loading import BUNDLE_METADATA_KEY, bundle_metadata
-
     prep = predictor.prep
     args = predictor.network.model_args
     labels = {str(k): str(v) for k, v in prep.labels.items()}
@@ -191,7 +154,8 @@ def metadata_config(payload: dict[str, Any], predictor: Any, source: Path) -> di
         "data_type": "nifti, nrrd, mha or a DICOM series folder",
         "image_classes": "single-channel CT in Hounsfield units",
         "label_classes": ", ".join(f"{k} is {v}" for k, v in labels.items()),
-        "pred_classes": f"{len(labels)} channels of logits from network_def; one label map per scan from the bundle",
+        "pred_classes": (f"{len(labels)} channels from network_def in eval mode: log-probabilities whose softmax is the "
+                         "mean of the heads' probabilities; one label map per scan from the bundle"),
         "eval_metrics": metrics,
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
@@ -228,8 +192,6 @@ def verify_metadata(bundle: str | os.PathLike) -> None:
     Raises:
         ValueError: the metadata does not satisfy the schema.
     """
-    from monai.bundle import verify_metadata as monai_verify_metadata
-
     meta, schema = Path(bundle) / "configs" / "metadata.json", meta_schema_path()
     digest = hashlib.sha256(schema.read_bytes()).hexdigest()  # tells MONAI the existing file is the one meant
     try:

@@ -14,14 +14,19 @@ The bundle follows the layout the MONAI Bundle specification documents
       docs/README.md           what it segments, how it was trained, its validation figures, how to run it
       LICENSE                  a short licence notice
 
-``inference.json`` is generated here, at export time, from the checkpoint's
-:class:`~unetpp3d.config.Preprocessing`: each step is a ``{"_target_": ..., **arguments}`` spec
-naming a MONAI class or a unetpp3d one (the reader, the body mask, the post-processing, the
-writer), so the file reads as a list of components rather than a program. Before anything is
-written, the specs are instantiated with MONAI's ``ConfigParser`` and compared, attribute by
-attribute, with the objects the :class:`~unetpp3d.inference.predictor.Predictor` builds from
-:mod:`unetpp3d.data.transforms` and :mod:`unetpp3d.inference.postprocess`; a difference stops the export (a bug
-in this module, not a user error), so the bundle cannot drift from ``unetpp3d infer``.
+``inference.json`` is generated here, at export time, from the
+:class:`~unetpp3d.inference.predictor.Predictor` that ``unetpp3d infer --model CHECKPOINT`` would
+build: each step is a ``{"_target_": ..., **arguments}`` spec naming a MONAI class or a unetpp3d
+one (the reader, the body mask, the post-processing, the writer), so the file reads as a list of
+components rather than a program. The preprocessing and post-processing specs are the ones the
+predictor instantiated itself (:mod:`unetpp3d.inference.pipeline`), so the bundle cannot drift
+from ``unetpp3d infer``. Test-time augmentation and fast mode are the model's own ``infer``
+settings.
+
+Bundle format: ``metadata.json``'s ``unetpp3d.format`` is 2 since the modules were grouped by
+stage, which changed the ``_target_`` paths in ``inference.json``. ``unetpp3d infer --model
+BUNDLE`` reads every format as data (model_args, preprocessing, weights); a format-1 bundle must
+be exported again (``unetpp3d export-bundle``) to run under ``python -m monai.bundle run``.
 
 Run it with MONAI alone::
 
@@ -29,8 +34,8 @@ Run it with MONAI alone::
         --dataset_dir SCANS --output_dir MASKS
 
 which writes ``MASKS/<case>.nii.gz`` on each scan's own grid, as ``unetpp3d infer SCANS --out MASKS``
-does (TTA: ``--window_network#tta True``; fast mode: ``--window_network#prune_level 2``; fp32
-where ``infer`` would use bf16: ``--window_network#amp False``, as ``--no-amp``).
+does (TTA on or off: ``--window_network#tta True|False``; fast mode: ``--window_network#prune_level 2``;
+fp32 where ``infer`` would use bf16: ``--window_network#amp False``, as ``--no-amp``).
 The ``$`` expressions are kept to what MONAI's runner needs: the device, the default folders,
 the weights path, ``"initialize"`` (seeding) and ``"run": ["$@evaluator.run()"]``. The workflow is
 :class:`BundleEvaluator`, a small loop with ``SupervisedEvaluator``'s argument names, because
@@ -46,7 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -54,83 +58,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from unetpp3d.bundle.components import PRED_KEY
 from unetpp3d.bundle.configs import inference_config, metadata_config
 from unetpp3d.bundle.readme import LICENSE_TEXT, LOGGING_CONF, _readme
-from unetpp3d.config import Preprocessing
 from unetpp3d.errors import UserError
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
 
 log = logging.getLogger("unetpp3d")
-
-
-# Attributes that say where or how visibly a transform runs, not what it computes.
-_RUNTIME_ATTRS = {"sw_device", "device", "progress"}
-
-
-def _state(obj: Any, depth: int = 0) -> Any:
-    """A comparable picture of what an object computes: plain values, recursing into ``__dict__``."""
-    if depth > 12:
-        return type(obj).__qualname__
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (torch.dtype, np.dtype)):
-        return str(obj).replace("torch.", "")
-    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
-        return np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj).tolist()
-    if isinstance(obj, (list, tuple)):
-        return [_state(v, depth + 1) for v in obj]
-    if isinstance(obj, Mapping):
-        return {str(k): _state(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, type) or not hasattr(obj, "__dict__"):
-        return getattr(obj, "__qualname__", repr(obj))
-    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}",
-            **{k: _state(v, depth + 1) for k, v in vars(obj).items() if k not in _RUNTIME_ATTRS}}
-
-
-def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
-                return f"{where}.{k}: only in {'the bundle' if k in a else 'the predictor'}"
-            found = _first_difference(a[k], b[k], f"{where}.{k}")
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return f"{where}: {len(a)} items in the bundle, {len(b)} in the predictor"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = _first_difference(x, y, f"{where}[{i}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, float) or isinstance(b, float):
-        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
-        same = numbers and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)))
-    else:
-        same = a == b
-    return None if same else f"{where}: {a!r} in the bundle, {b!r} in the predictor"
-
-
-def _check_matches_predictor(config: dict[str, Any], predictor: Any) -> None:
-    """Instantiate the generated pipeline and compare it with the predictor's own objects."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser({**config, "bundle_root": "."})
-    preprocessing = parser.get_parsed_content("preprocessing").transforms
-    post = parser.get_parsed_content("postprocessing").transforms[2:-1]  # between argmax and the writer
-    pairs = [("preprocessing", preprocessing, predictor.transforms.transforms),
-             ("postprocessing", post, predictor.postprocess_transforms(PRED_KEY)),
-             ("inferer", parser.get_parsed_content("inferer"), predictor.inferer("cpu"))]
-    for name, ours, theirs in pairs:
-        found = _first_difference(_state(ours), _state(theirs), name)
-        if found:
-            raise RuntimeError(f"the generated inference.json no longer matches what `unetpp3d infer` runs ({found}); "
-                               "update unetpp3d/bundle.py to follow unetpp3d/transforms.py and postprocess.py")
 
 
 def _check_plain_strings(obj: Any, where: str) -> None:
@@ -173,8 +110,6 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def _load_payload(model: Path) -> tuple[dict[str, Any], Path]:
-    from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
-
     ckpt = resolve_model_path(model)
     payload = load_checkpoint(ckpt)
     if "preprocessing" not in payload:
@@ -183,19 +118,9 @@ def _load_payload(model: Path) -> tuple[dict[str, Any], Path]:
     return payload, ckpt
 
 
-def _predictor(payload: dict[str, Any], ckpt: Path) -> Any:
-    from unetpp3d.inference.predictor import Predictor
-    from unetpp3d.model.network import UNetPlusPlus3D
-
-    try:
-        net = UNetPlusPlus3D.from_checkpoint(payload)
-        prep = Preprocessing.from_dict(payload["preprocessing"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise UserError(f"{ckpt}: model arguments, weights or preprocessing do not fit ({exc})") from None
-    infer = (payload.get("config") or {}).get("infer") or {}
-    return Predictor(net, prep, device="cpu", amp=False, progress=False, source=str(ckpt),
-                     overlap=float(infer.get("overlap", 0.5)), sw_batch_size=int(infer.get("sw_batch_size", 2)),
-                     min_component_ml=float(infer.get("min_component_ml", 0.0)))
+def _predictor(ckpt: Path) -> Predictor:
+    """What ``unetpp3d infer --model CHECKPOINT`` would run: the model's own settings, on the CPU."""
+    return Predictor.from_source(ckpt, device="cpu", amp=False, progress=False)
 
 
 def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
@@ -220,12 +145,11 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool 
     out = Path(out)
     _check_target(out, force)
     payload, ckpt = _load_payload(Path(model))
-    predictor = _predictor(payload, ckpt)
+    predictor = _predictor(ckpt)
     inference = inference_config(predictor)
     meta = metadata_config(payload, predictor, ckpt)
     # Everything inference.json takes from the checkpoint is in the metadata too.
     _check_plain_strings({k: v for k, v in meta.items() if k != "schema"}, "metadata.json")
-    _check_matches_predictor(inference, predictor)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"  # mkdir, unlike mkdtemp, honours the umask

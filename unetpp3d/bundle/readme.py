@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS, _version
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.tasks import task_rules
 
 
 def _validation_rows(source: Path) -> list[dict[str, str]]:
@@ -21,7 +23,17 @@ def _validation_rows(source: Path) -> list[dict[str, str]]:
         return []
 
 
-def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], source: Path) -> str:
+def _postprocessing_text(predictor: Predictor) -> str:
+    prep = predictor.prep
+    if task_rules(prep.task).postprocessing == "min_volume":
+        return f"components smaller than {predictor.min_component_ml:g} mL removed."
+    if prep.num_classes > 2:
+        return ("largest connected component of the foreground (all labels together, each voxel keeping its label), "
+                "enclosed background filled as the first label.")
+    return "largest connected component, enclosed holes filled."
+
+
+def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any], source: Path) -> str:
     prep = predictor.prep
     cfg = payload.get("config") or {}
     train, data = cfg.get("train") or {}, cfg.get("data") or {}
@@ -45,12 +57,7 @@ def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], sourc
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in prep.labels.items()],
         "",
-        "Post-processing: " + ("largest connected component of the foreground (all labels together, each voxel "
-                               "keeping its label), enclosed background filled as the first label."
-                               if prep.task == "liver" and prep.num_classes > 2 else
-                               "largest connected component of each label, enclosed holes filled."
-                               if prep.task == "liver" else
-                               f"components smaller than {predictor.min_component_ml:g} mL removed."),
+        "Post-processing: " + _postprocessing_text(predictor),
         "",
         "## How it was trained",
         "",
@@ -102,10 +109,19 @@ def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], sourc
         "```",
         "",
         "`SCANS` holds NIfTI/NRRD/MHA files or DICOM series folders; each mask is written as "
-        "`MASKS/<case>.nii.gz` on its scan's own grid. Test-time augmentation: add `--window_network#tta True`; "
-        "the faster pruned network: `--window_network#prune_level 2`. Like `unetpp3d infer`, windows run in bf16 on GPUs "
-        "and on CPUs that compute bf16 natively; `--window_network#amp False` keeps fp32. A DICOM folder holding several series: "
-        "`--preprocessing#transforms#0#reader#series_uid UID`.",
+        "`MASKS/<case>.nii.gz` on its scan's own grid. As exported, it runs the model's own inference settings: "
+        f"test-time augmentation {'on' if predictor.tta else 'off'} (`--window_network#tta "
+        f"{'False' if predictor.tta else 'True'}` to turn it {'off' if predictor.tta else 'on'}), "
+        + (f"the pruned network UNet++ L^{predictor.prune_level} (`--window_network#prune_level None` for all heads)"
+           if predictor.prune_level is not None else
+           "all heads (the faster pruned network: `--window_network#prune_level 2`)")
+        + ". Like `unetpp3d infer`, windows run in bf16 on GPUs "
+        "and on CPUs that compute bf16 natively; `--window_network#amp False` keeps fp32. A DICOM folder holding several "
+        "series: `--preprocessing#transforms#0#reader#series_uid UID`.",
+        "",
+        "This is bundle format 2 (`unetpp3d.format` in `configs/metadata.json`). `unetpp3d infer` also reads "
+        "format-1 bundles (exported before unetpp3d grouped its modules by stage), but their `inference.json` names "
+        "components that moved: export a format-1 bundle again to run it with `python -m monai.bundle run`.",
         "",
         "With unetpp3d (also writes nodule reports and previews):",
         "",
@@ -115,8 +131,9 @@ def _readme(payload: dict[str, Any], predictor: Any, meta: dict[str, Any], sourc
         "",
         "`models/model.ts` is the network alone, traced with TorchScript in eval mode: input "
         f"`(B, {args['in_channels']}, x, y, z)` preprocessed as above, each size a multiple of "
-        f"{list(predictor.network.size_divisor)}; output the mean of the heads' logits "
-        f"`(B, {args['out_channels']}, x, y, z)`.",
+        f"{list(predictor.network.size_divisor)}; output `(B, {args['out_channels']}, x, y, z)` log-probabilities: "
+        "the log of the mean of the heads' softmax probabilities, so its softmax is that mean and its argmax the "
+        "label.",
         "",
         "## Licence",
         "",

@@ -8,22 +8,30 @@ are choices that click checks, and lists in ``--help``, before any command code 
 Exit status, the same for every command (:func:`unetpp3d.errors.exit_status`): 0 all done; 2 a
 problem the user can fix (a bad flag, manifest, config value or input file), also when it hits
 only some cases of a batch; 1 some case failed for another reason (1 wins over 2); 130 Ctrl-C.
+The console log (the ``unetpp3d`` logger at INFO, written above progress bars) is set up here,
+once, in :func:`main`; library code only logs.
+
+Options before the command apply to every command: ``--no-malloc-tuning`` leaves glibc's
+allocator as it is (see :func:`unetpp3d.hardware.keep_freed_memory`).
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from unetpp3d import __version__
 from unetpp3d.data.manifest import TASKS
 from unetpp3d.errors import EXIT_USER, UserError
-from unetpp3d.hardware import keep_freed_memory
+from unetpp3d.hardware import device_name, keep_freed_memory
 
 EXIT_STATUS_HELP = ("Exit status: 0 all done; 2 a problem you can fix (a bad flag, manifest, config value or input "
                     "file), also when it hits only some cases of a batch; 1 some case failed for another reason.")
@@ -49,6 +57,9 @@ def _show_version(value: bool) -> None:
 def device_option(value: Optional[str]) -> Optional[str]:
     """Check a ``--device`` value before anything loads; ``gpu`` and ``gpu:N`` mean ``cuda``.
 
+    The name is read by :func:`unetpp3d.hardware.device_name`, as training and inference read it;
+    whether the device is present is checked when the command picks it.
+
     Args:
         value: ``cpu``, ``cuda``, ``cuda:N``, ``gpu``, ``gpu:N`` (any case), or None for the default.
 
@@ -60,18 +71,23 @@ def device_option(value: Optional[str]) -> Optional[str]:
     """
     if value is None:
         return None
-    match = re.fullmatch(r"(cpu|cuda|gpu)(:\d+)?", value.strip().lower())
-    if not match or (match.group(1) == "cpu" and match.group(2)):
-        raise typer.BadParameter(f"{value!r} is not a device; use cpu, cuda, cuda:N or gpu (= cuda)")
-    return f"cuda{match.group(2) or ''}" if match.group(1) == "gpu" else match.group(0)
+    try:
+        return device_name(value)
+    except UserError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="Print the version and exit."),
+    malloc_tuning: bool = typer.Option(True, "--malloc-tuning/--no-malloc-tuning",
+                                       help="Keep freed memory in the process for reuse (glibc): large CPU activations "
+                                            "then reuse pages instead of faulting in fresh ones (faster on the CPU; "
+                                            "the process keeps its peak memory until it ends)."),
 ) -> None:
-    pass  # the app's own options; each command does the work
+    """The app's own options; each command does the work."""
+    keep_freed_memory(malloc_tuning)  # see unetpp3d/hardware.py
 
 
 @app.command()
@@ -133,13 +149,14 @@ def train(
 def infer(
     inputs: list[Path] = typer.Argument(..., help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders of scans, or a manifest."),
     out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input, or a folder for several."),
-    model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: $UNETPP3D_MODEL, then the newest run in ./runs). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
-    mode: str = typer.Option("accurate", help="accurate (mean of all heads) or fast (pruned network)."),
-    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: 2)."),
-    tta: bool = typer.Option(False, help="Flip test-time augmentation (8 flips)."),
-    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cuda, cpu or cuda:N (default: cuda when available)."),
+    model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: the newest run in ./runs, printed). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
+    mode: Optional[str] = typer.Option(None, help="accurate (mean of all heads' probabilities) or fast (pruned network) (default: the model's infer.mode, else accurate)."),
+    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: the model's infer.prune_level, else 2)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation, 8 flips (default: the model's infer.tta)."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's infer.overlap)."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass (default: the model's infer.sw_batch_size)."),
+    device: Optional[str] = typer.Option(None, callback=device_option,
+                                         help="cpu, cuda, cuda:N or gpu (= cuda) (default: cuda when available)."),
     amp: bool = typer.Option(True, help="Reduced precision where it pays: bf16 on the GPU and on CPUs that "
                                           "compute it natively (AMX, AVX512-BF16); --no-amp for fp32."),
     preview: Optional[Path] = typer.Option(None, help="PNG of the mask over the scan (one input) or a folder of PNGs."),
@@ -201,15 +218,33 @@ def demo(
     raise typer.Exit(run_demo(out_dir=out, device=device))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning user errors into one line and exit status 2.
-
-    Exit status: see :func:`unetpp3d.errors.exit_status` and this module's docstring.
-    """
-    keep_freed_memory()  # large CPU activations reuse memory instead of fresh pages (see hardware.py)
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """The ``unetpp3d`` log on the console at INFO, above the progress bars, unless the host set up logging."""
+    logger = logging.getLogger("unetpp3d")
+    if logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        # Standalone mode lets click report usage errors itself (exit status 2) and exit.
-        app(args=argv, prog_name="unetpp3d")
+        # Swaps our console handler for one that writes through tqdm, so bars are not torn.
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: set up console logging, run the app, turn user errors into one line and exit status 2."""
+    try:
+        with _console_logging():
+            # Standalone mode lets click report usage errors itself (exit status 2) and exit.
+            app(args=argv, prog_name="unetpp3d")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USER)

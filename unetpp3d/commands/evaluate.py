@@ -48,11 +48,9 @@ from unetpp3d.atomic import atomic_write_text
 from unetpp3d.data.manifest import case_name, load_manifest
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.evaluation.metrics import CaseMetrics, both_empty_row, evaluate_case
+from unetpp3d.imageio.formats import VOLUME_SUFFIXES
 
 log = logging.getLogger("unetpp3d")
-
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 MANIFEST_SUFFIXES = (".json",)
@@ -110,10 +108,10 @@ def collect_masks(source: str | Path, role: str) -> dict[str, Path]:
         found = {}
         for path in sorted(source.iterdir()):
             # Dot files are temporaries of interrupted atomic writes.
-            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES):
+            if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(VOLUME_SUFFIXES):
                 found.setdefault(case_name(path), path)
         if not found:
-            raise UserError(f"{source}: no {role} masks here (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+            raise UserError(f"{source}: no {role} masks here (looked for {', '.join(VOLUME_SUFFIXES)} files)")
         return found
     raise UserError(f"{source}: no such {role} file, folder or manifest")
 

@@ -1,134 +1,36 @@
 """``unetpp3d infer``: expand the inputs into cases, run the predictor on each, write every output.
 
 Every output is written atomically (the mask last, so an existing mask means a finished case);
-a case that fails is reported and the batch goes on; a summary table ends the run.
+a case that fails is reported and the batch goes on; a summary table ends the run. What is
+written besides the mask (a nodule report, the preview's window) follows the model's task
+(:mod:`unetpp3d.tasks`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from unetpp3d.data.manifest import case_name
 from unetpp3d.errors import UserError
+from unetpp3d.imageio.formats import IMAGE_SUFFIXES
+from unetpp3d.imageio.writer import write_mask
+from unetpp3d.inference.inputs import InputCase, expand_inputs
+from unetpp3d.inference.nodules import write_nodule_report
 from unetpp3d.inference.predictor import Predictor
+from unetpp3d.preview import save_overlay_png
 
 log = logging.getLogger("unetpp3d")
 
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-
-
-MANIFEST_SUFFIXES = (".json",)
+__all__ = ["expand_inputs", "run_inference"]
 
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
-
-
-# Folder names that say nothing about the case: a DICOM series in ``case7/dicom`` is "case7".
-_GENERIC_FOLDER_NAMES = {"dicom", "dcm", "series", "images", "image", "ct", "scan"}
-
-
-@dataclass
-class InputCase:
-    """One scan to segment: a name for its outputs, its path, or why it cannot be read."""
-
-    name: str
-    path: Path
-    error: str | None = None
-
-
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    return any(_is_dicom_file(p) for p in files[:16])
-
-
-def _image_name(path: Path) -> str:
-    from unetpp3d.data.manifest import case_name
-
-    if path.is_dir() and path.name.lower() in _GENERIC_FOLDER_NAMES and path.resolve().parent.name:
-        return path.resolve().parent.name
-    return case_name(path)
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
-    """Turn command-line inputs into cases.
-
-    Each input is an image file, a DICOM series folder, a folder of such inputs (image files and
-    DICOM series subfolders directly inside it), or a manifest (its test cases, else its
-    training images). A missing or unsupported input becomes a case with an ``error``, so that
-    a batch reports it and carries on. Names are made unique by prefixing the parent folder.
-
-    Raises:
-        UserError: no inputs given, or a manifest that cannot be read.
-    """
-    from unetpp3d.data.manifest import load_manifest
-
-    if not inputs:
-        raise UserError("no inputs given; pass scan files, DICOM folders, folders of scans or a manifest")
-    found: list[InputCase] = []
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            found.append(InputCase(_image_name(path), path, "no such file or folder"))
-        elif path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES):
-            manifest = load_manifest(path)
-            cases = manifest.test or manifest.training
-            if not manifest.test:
-                log.info("%s: no test cases; segmenting its %d training image(s)", path, len(cases))
-            found.extend(InputCase(c.name, Path(c.image)) for c in cases)
-        elif path.is_file():
-            if path.name.lower().endswith(IMAGE_SUFFIXES) or _is_dicom_file(path):
-                found.append(InputCase(_image_name(path), path))
-            else:
-                found.append(InputCase(_image_name(path), path,
-                                       f"not a supported scan (use {', '.join(IMAGE_SUFFIXES)}, a DICOM folder "
-                                       "or a manifest .json)"))
-        elif _is_dicom_folder(path):
-            found.append(InputCase(_image_name(path), path))
-        else:
-            before = len(found)
-            for entry in sorted(path.iterdir()):
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-                    found.append(InputCase(_image_name(entry), entry))
-                elif entry.is_dir() and _is_dicom_folder(entry):
-                    found.append(InputCase(_image_name(entry), entry))
-            if len(found) == before:
-                found.append(InputCase(_image_name(path), path, "no scans in this folder (image files or DICOM series "
-                                                                 "folders directly inside it)"))
-    if not found:
-        raise UserError(f"{', '.join(map(str, inputs))}: no scans to segment (the manifest lists no cases)")
-    # Unique output names: prefix the parent folder's name, then number what still collides.
-    counts: dict[str, int] = {}
-    for case in found:
-        counts[case.name] = counts.get(case.name, 0) + 1
-    seen: set[str] = set()
-    for case in found:
-        if counts[case.name] > 1 and case.path.resolve().parent.name:
-            case.name = f"{case.path.resolve().parent.name}_{case.name}"
-        name, k = case.name, 2
-        while name in seen:
-            name, k = f"{case.name}_{k}", k + 1
-        case.name = name
-        seen.add(name)
-    return found
 
 
 def _mask_outputs(cases: Sequence[InputCase], out: Path) -> dict[str, Path]:
@@ -153,32 +55,8 @@ def _preview_outputs(cases: Sequence[InputCase], preview: Path | None) -> dict[s
 
 
 def _report_paths(mask_path: Path) -> tuple[Path, Path]:
-    from unetpp3d.data.manifest import case_name
-
     stem = case_name(mask_path)
     return mask_path.with_name(f"{stem}.nodules.json"), mask_path.with_name(f"{stem}.nodules.csv")
-
-
-@contextlib.contextmanager
-def _logging_to_console() -> Iterator[None]:
-    """Show the unetpp3d log on the console, above the progress bars, unless the application set up logging."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    if log.hasHandlers():
-        yield
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        # Swaps our console handler for one that writes through tqdm, so bars are not torn.
-        with logging_redirect_tqdm(loggers=[log]):
-            yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
 
 
 @dataclass
@@ -206,24 +84,19 @@ def _summary(outcomes: Sequence[_Outcome]) -> str:
 
 
 def _run_case(predictor: Predictor, case: InputCase, mask_path: Path, preview_path: Path | None) -> _Outcome:
-    from unetpp3d.imageio.writer import write_mask
-    from unetpp3d.inference.nodules import write_nodule_report
-    from unetpp3d.preview import LUNG_WINDOW, save_overlay_png
-
     result = predictor.predict(case.path)
     written: list[Path] = []
     try:
         note = ""
-        if result.nodules is not None:
+        if predictor.rules.nodule_report and result.nodules is not None:
             json_path, csv_path = _report_paths(mask_path)
             write_nodule_report(result.nodules, json_path, csv_path, source=str(case.path),
                                 min_volume_ml=predictor.min_component_ml)
             written += [json_path, csv_path]
             note = f"{len(result.nodules)} nodule(s)"
         if preview_path is not None:
-            window = LUNG_WINDOW if predictor.prep.task == "lung_nodule" else None
             save_overlay_png(result.image_xyz, result.mask_xyz, result.geometry, preview_path, title=case.name,
-                             window=window)
+                             window=predictor.rules.preview_window)
             written.append(preview_path)
         # The mask goes last: an existing mask means the case finished (what --skip-existing checks).
         write_mask(result.mask_xyz, result.geometry, mask_path)
@@ -237,11 +110,14 @@ def _run_case(predictor: Predictor, case: InputCase, mask_path: Path, preview_pa
 
 
 def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | Sequence[str | Path] | None = None,
-                  mode: str = "accurate", prune_level: int | None = None, tta: bool = False,
+                  mode: str | None = None, prune_level: int | None = None, tta: bool | None = None,
                   overlap: float | None = None, batch_size: int | None = None, device: str | None = None,
                   amp: bool = True, preview: str | Path | None = None, skip_existing: bool = False,
                   series_uid: str | None = None, trust_bundle: bool = False) -> int:
     """Segment scans and write one mask per scan on that scan's own grid (``unetpp3d infer``).
+
+    The settings left None are the model's own (its config's ``infer`` section), else
+    :class:`~unetpp3d.config.InferConfig`'s defaults; see :meth:`Predictor.from_source`.
 
     Args:
         inputs: scan files (NIfTI, NRRD, MHA), DICOM series folders, folders of those, or a
@@ -249,13 +125,13 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         out: the mask file (``.nii.gz``) for one scan, or a folder receiving ``<case>.nii.gz``.
             Lung-nodule models also write ``<case>.nodules.json`` and ``.csv`` beside each mask.
         model: checkpoint, run folder or exported bundle, or a list of them to ensemble (their
-            probabilities averaged); see :meth:`Predictor.from_source`.
-        mode: "accurate" or "fast".
-        prune_level: UNet++ L^l for fast mode (default 2, capped at the depth).
-        tta: flip test-time augmentation (8 flips, probabilities averaged).
+            probabilities averaged); None: the newest run in ``./runs`` (printed).
+        mode: "accurate" or "fast" (default: the model's).
+        prune_level: UNet++ L^l for fast mode (default: the model's, else 2, capped at the depth).
+        tta: flip test-time augmentation, 8 flips, probabilities averaged (default: the model's).
         overlap: sliding-window overlap (default: the model's).
         batch_size: windows per forward pass (default: the model's).
-        device: cpu, cuda or cuda:N (default: CUDA when available).
+        device: cpu, cuda (or gpu) or cuda:N (default: CUDA when available).
         amp: reduced precision where it pays (see :class:`Predictor`).
         preview: a PNG (one scan) or a folder of ``<case>.png`` showing the mask over the scan.
         skip_existing: leave cases whose mask already exists.
@@ -270,38 +146,37 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         UserError: no usable model, bad settings, or outputs that cannot be named (checked
             before any case runs). Problems with one scan are reported, not raised.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     cases = expand_inputs(inputs)
     masks = _mask_outputs(cases, out)
     previews = _preview_outputs(cases, Path(preview) if preview is not None else None)
-    with _logging_to_console():
-        predictor = Predictor.from_source(
-            model, device=device, trust_bundle=trust_bundle, overlap=overlap, batch_size=batch_size, mode=mode,
-            prune_level=prune_level, tta=tta, amp=amp, series_uid=series_uid,
-        )
-        log.info("%s", predictor.describe())
-        outcomes: list[_Outcome] = []
-        for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
-            mask_path = masks[case.name]
-            if case.error:
-                log.error("%s: %s: %s", case.name, case.path, case.error)
-                outcomes.append(_Outcome(case.name, "failed", note=f"{case.path}: {case.error}"))
-                continue
-            if skip_existing and mask_path.exists():
-                log.info("%s: %s exists, skipped", case.name, mask_path)
-                outcomes.append(_Outcome(case.name, "skipped", note=str(mask_path)))
-                continue
-            try:
-                outcomes.append(_run_case(predictor, case, mask_path, previews.get(case.name)))
-                log.info("%s: wrote %s", case.name, mask_path)
-            except UserError as exc:
-                log.error("%s: %s", case.name, exc)
-                outcomes.append(_Outcome(case.name, "failed", note=str(exc)))
-            except (RuntimeError, ValueError, OSError, MemoryError) as exc:
-                # Not a user mistake we recognised: keep the traceback in the log, keep going.
-                log.exception("%s: failed", case.name)
-                outcomes.append(_Outcome(case.name, "failed", note=f"{type(exc).__name__}: {exc}"))
+    predictor = Predictor.from_source(
+        model, device=device, trust_bundle=trust_bundle, overlap=overlap, batch_size=batch_size, mode=mode,
+        prune_level=prune_level, tta=tta, amp=amp, series_uid=series_uid,
+    )
+    if not model:
+        print(f"no --model given: using the newest run, {predictor.source}")
+    log.info("%s", predictor.describe())
+    outcomes: list[_Outcome] = []
+    for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
+        mask_path = masks[case.name]
+        if case.error:
+            log.error("%s: %s: %s", case.name, case.path, case.error)
+            outcomes.append(_Outcome(case.name, "failed", note=f"{case.path}: {case.error}"))
+            continue
+        if skip_existing and mask_path.exists():
+            log.info("%s: %s exists, skipped", case.name, mask_path)
+            outcomes.append(_Outcome(case.name, "skipped", note=str(mask_path)))
+            continue
+        try:
+            outcomes.append(_run_case(predictor, case, mask_path, previews.get(case.name)))
+            log.info("%s: wrote %s", case.name, mask_path)
+        except UserError as exc:
+            log.error("%s: %s", case.name, exc)
+            outcomes.append(_Outcome(case.name, "failed", note=str(exc)))
+        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+            # Not a user mistake we recognised: keep the traceback in the log, keep going.
+            log.exception("%s: failed", case.name)
+            outcomes.append(_Outcome(case.name, "failed", note=f"{type(exc).__name__}: {exc}"))
     print(_summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0

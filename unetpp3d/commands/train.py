@@ -26,11 +26,12 @@ from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
 from unetpp3d.model.planning import plan
 from unetpp3d.data.validation import validate_case
 from unetpp3d.errors import UserError
+from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
-from unetpp3d.training.optim import amp_dtype, lr_factor, make_optimizer, make_scheduler
+from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
 from unetpp3d.training.rng import seed_everything, set_rng_state
 from unetpp3d.training.runlog import RunLog
 from unetpp3d.training.trainer import Trainer
@@ -310,7 +311,7 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
         folder = Path(out_dir) if out_dir else Path(dist.broadcast(str(_default_run_dir(Path(manifest)))))
         _on_rank0(dist, _check_folder, folder, resume, force)
         _resolve(p, man)
-        amp = amp_dtype(p.cfg.train.amp, dev)
+        amp = autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
 
         _on_rank0(dist, _claim_folder, folder, resume, force)
         trainer = _build_trainer(p, folder, dist, dev, amp)

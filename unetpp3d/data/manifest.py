@@ -33,13 +33,10 @@ import numpy as np
 
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
-
-TASKS = ("liver", "lung_nodule")
+from unetpp3d.imageio.formats import IMAGE_SUFFIXES
+from unetpp3d.tasks import TASKS
 
 SPLITS_FILE = "splits_final.json"  # nnU-Net v2's name, read beside a manifest named dataset.json
-
-
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def case_name(path: str | Path) -> str:
     """``imagesTr/liver_3.nii.gz`` -> ``liver_3``; a DICOM folder keeps its folder name."""
     name = Path(path).name
     lower = name.lower()
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -47,12 +48,9 @@ from monai.transforms import (
     Affine,
     CenterSpatialCrop,
     Compose,
-    CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
-    Orientationd,
     RandAdjustContrastd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -61,8 +59,6 @@ from monai.transforms import (
     RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
     SpatialPadd,
     Transform,
 )
@@ -274,30 +270,85 @@ def pad_value(prep: Preprocessing) -> float:
     return _normalised(low, mean_std)
 
 
-def load_transforms(keys: KeysCollection = (IMAGE_KEY,), reader: ImageReader | None = None) -> list[MapTransform]:
-    """Load files into channel-first float32 MetaTensors.
-
-    Args:
-        keys: data-dict keys holding file paths.
-        reader: defaults to :class:`~unetpp3d.imageio.readers.SitkReader` (validated reads, RAS affine,
-            ``"geometry"`` in the meta dict); pass ``SitkReader(series_uid=...)`` to pick a DICOM series.
-
-    Returns:
-        ``[LoadImaged, EnsureTyped]``.
-    """
-    return [LoadImaged(keys, reader=reader if reader is not None else SitkReader(), image_only=True,
-                       ensure_channel_first=True),
-            EnsureTyped(keys, dtype=torch.float32)]
+# Where the specs find unetpp3d's own components (derived from the classes, so a move is followed).
+_READER_TARGET = f"{SitkReader.__module__}.{SitkReader.__qualname__}"
 
 
-def preprocess_transforms(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY, "label"),
-                          reader: ImageReader | None = None) -> list[MapTransform]:
-    """The deterministic preprocessing shared by every pipeline (steps 1-5 of the module docstring).
+def preprocessing_specs(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY, "label"),
+                        series_uid: str | None = None, body_key: str | None = None) -> list[dict[str, Any]]:
+    """The deterministic preprocessing (steps 1-5 of the module docstring) as ``{"_target_": ...}`` specs.
+
+    The one description of the preprocessing: training and validation
+    (:func:`preprocess_transforms`), the predictor and an exported bundle's ``inference.json``
+    all instantiate these specs, with MONAI's ``ConfigParser`` (:func:`instantiate`). Plain
+    JSON: MONAI class names, the dotted paths of unetpp3d's reader and body mask, and numbers.
 
     Args:
         prep: resolved preprocessing (no ``"auto"`` values).
         keys: ``"image"`` plus any label-map keys.
-        reader: passed to :func:`load_transforms`.
+        series_uid: the DICOM series to read from folders holding several (None: the only one).
+        body_key: training with the filled body mask: keep the mask under this key (for the
+            patch sampler) and crop with it, which gives the same box as cropping with
+            :func:`body_mask` directly.
+
+    Returns:
+        One spec per transform: LoadImaged (with :class:`~unetpp3d.imageio.readers.SitkReader`),
+        EnsureTyped, Orientationd, Spacingd, CropForegroundd (when ``prep.crop_foreground``),
+        ScaleIntensityRanged.
+
+    Raises:
+        UserError: ``prep`` has unresolved or invalid values.
+    """
+    keys = list(_keys(keys))
+    spacing, (low, high), mean_std, _ = _checked(prep)
+    reader: dict[str, Any] = {"_target_": _READER_TARGET}
+    if series_uid is not None:
+        reader["series_uid"] = str(series_uid)
+    specs: list[dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": keys, "reader": reader, "image_only": True, "ensure_channel_first": True},
+        {"_target_": "EnsureTyped", "keys": keys, "dtype": "float32"},
+        # The MetaTensor affine is RAS by the readers' contract; naming the axis labels says so.
+        {"_target_": "Orientationd", "keys": keys, "axcodes": prep.orientation,
+         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        {"_target_": "Spacingd", "keys": keys, "pixdim": spacing,
+         "mode": ["bilinear" if k == IMAGE_KEY else "nearest" for k in keys]},
+    ]
+    body = {"threshold_hu": float(prep.body_threshold_hu), "mode": prep.body_mask, "air_hu": float(prep.body_air_hu)}
+    if body_key is not None:
+        specs.append({"_target_": f"{__name__}.BodyMaskd", "keys": IMAGE_KEY, "mask_key": body_key, **body})
+        if prep.crop_foreground:
+            specs.append({"_target_": "CropForegroundd", "keys": [*keys, body_key], "source_key": body_key,
+                          "margin": CROP_MARGIN_VOXELS, "allow_smaller": True})
+    elif prep.crop_foreground:
+        specs.append({"_target_": "CropForegroundd", "keys": keys, "source_key": IMAGE_KEY,
+                      "select_fn": {"_target_": f"{__name__}.BodyMask", **body},
+                      "margin": CROP_MARGIN_VOXELS, "allow_smaller": True})
+    # Clip to [low, high] and z-score in one affine map: (low, high) -> ((low-mean)/std, (high-mean)/std).
+    specs.append({"_target_": "ScaleIntensityRanged", "keys": IMAGE_KEY, "a_min": low, "a_max": high,
+                  "b_min": _normalised(low, mean_std), "b_max": _normalised(high, mean_std), "clip": True})
+    return specs
+
+
+def instantiate(config: dict[str, Any], key: str) -> Any:
+    """Build ``config[key]`` with MONAI's ``ConfigParser``, as ``python -m monai.bundle run`` builds a bundle.
+
+    Args:
+        config: a dict of specs (``{"_target_": ...}`` entries, lists of them, ``@`` references
+            to other entries of ``config``, plain values; a value may also be a ready object).
+        key: the entry to build; what it references is built too.
+    """
+    return ConfigParser(config).get_parsed_content(key)
+
+
+def preprocess_transforms(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY, "label"),
+                          reader: ImageReader | None = None) -> list[MapTransform]:
+    """The deterministic preprocessing shared by every pipeline, built from :func:`preprocessing_specs`.
+
+    Args:
+        prep: resolved preprocessing (no ``"auto"`` values).
+        keys: ``"image"`` plus any label-map keys.
+        reader: replaces the :class:`~unetpp3d.imageio.readers.SitkReader` of the specs (e.g.
+            MONAI's ``NibabelReader``, for comparisons).
 
     Returns:
         A list of MONAI dictionary transforms.
@@ -307,27 +358,11 @@ def preprocess_transforms(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY
 
 def _preprocess(prep: Preprocessing, keys: tuple[str, ...], reader: ImageReader | None,
                 body_key: str | None) -> list[MapTransform]:
-    """:func:`preprocess_transforms`; with ``body_key`` the body mask is kept under that key and
-    the crop reads it, which gives the same box as cropping with :func:`body_mask` directly."""
-    spacing, (low, high), mean_std, _ = _checked(prep)
-    modes = ["bilinear" if k == IMAGE_KEY else "nearest" for k in keys]
-    out = load_transforms(keys, reader) + [
-        # The MetaTensor affine is RAS by the readers' contract; naming the axis labels says so.
-        Orientationd(keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=spacing, mode=modes),
-    ]
-    if body_key is not None:
-        out.append(BodyMaskd(IMAGE_KEY, body_key, prep.body_threshold_hu, prep.body_mask, prep.body_air_hu))
-        if prep.crop_foreground:
-            out.append(CropForegroundd([*keys, body_key], source_key=body_key, margin=CROP_MARGIN_VOXELS,
-                                       allow_smaller=True))
-    elif prep.crop_foreground:
-        out.append(CropForegroundd(keys, source_key=IMAGE_KEY, select_fn=body_mask(prep),
-                                   margin=CROP_MARGIN_VOXELS, allow_smaller=True))
-    # Clip to [low, high] and z-score in one affine map: (low, high) -> ((low-mean)/std, (high-mean)/std).
-    out.append(ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=_normalised(low, mean_std),
-                                    b_max=_normalised(high, mean_std), clip=True))
-    return out
+    """:func:`preprocess_transforms`, optionally keeping the body mask under ``body_key`` (training)."""
+    specs = preprocessing_specs(prep, keys, body_key=body_key)
+    if reader is not None:
+        specs[0] = {**specs[0], "reader": reader}
+    return instantiate({"preprocessing": specs}, "preprocessing")
 
 
 def _context_size(patch: Sequence[int], data_cfg: DataConfig) -> list[int]:

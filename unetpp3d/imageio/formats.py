@@ -22,6 +22,17 @@ import SimpleITK as sitk
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import fmt_values
 
+# The one list of image file suffixes that the readers accept, matched case-insensitively on the
+# file name: NIfTI, NRRD (attached or detached header), MetaImage (.mha or .mhd + data file), and
+# single DICOM files. A DICOM series is a folder.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+# The suffixes of files that hold a whole volume each (every image suffix but a DICOM slice's):
+# what a folder of masks may contain.
+VOLUME_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
+
+
 # GetArrayFromImage copies the ITK buffer, so a read briefly holds two copies of the voxels.
 _READ_COPIES = 2
 

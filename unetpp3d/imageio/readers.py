@@ -32,9 +32,7 @@ from monai.utils import ensure_tuple
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.imageio.dicom import _read_dicom_folder
-from unetpp3d.imageio.formats import _as_label, _check_finite, _read_file
-
-SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+from unetpp3d.imageio.formats import IMAGE_SUFFIXES, _as_label, _check_finite, _read_file
 
 
 def read_image(path: str | Path, series_uid: str | None = None, is_label: bool = False
@@ -110,7 +108,7 @@ class SitkReader(ImageReader):
         """True for folders (DICOM series) and files with a suffix :func:`read_image` handles."""
         for name in ensure_tuple(filename):
             p = Path(name)
-            if not (p.is_dir() or p.name.lower().endswith(SUPPORTED_SUFFIXES)):
+            if not (p.is_dir() or p.name.lower().endswith(IMAGE_SUFFIXES)):
                 return False
         return True
 

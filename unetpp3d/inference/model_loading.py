@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from monai.bundle import ConfigParser
 from torch import nn
 
-from unetpp3d.config import Preprocessing
+from unetpp3d.config import InferConfig, Preprocessing, config_from_dict
 from unetpp3d.errors import UserError
+from unetpp3d.model.checkpoint import (
+    load_checkpoint,
+    load_state_dict,
+    resolve_model_path,
+)
+from unetpp3d.model.network import network_from_checkpoint
 
 log = logging.getLogger("unetpp3d")
-
-
-MODEL_ENV = "UNETPP3D_MODEL"
 
 
 # The section of a bundle's configs/metadata.json that unetpp3d writes and reads: plain JSON
@@ -25,20 +27,21 @@ MODEL_ENV = "UNETPP3D_MODEL"
 BUNDLE_METADATA_KEY = "unetpp3d"
 
 
-def find_default_model(runs_dir: str | Path = "runs") -> Path:
-    """The model to use when none is given: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``.
+# The version of that section and of the component names inference.json uses. 2: the layout by
+# stage (unetpp3d.inference.postprocess, unetpp3d.model.network, ...). `infer` reads every format
+# as data; a format-1 bundle must be exported again to run under `python -m monai.bundle run`.
+BUNDLE_FORMAT = 2
 
-    The newest run is the one whose ``best.pt`` or ``last.pt`` was written last.
+
+def find_default_model(runs_dir: str | Path = "runs") -> Path:
+    """The model to use when none is given: the newest run in ``./runs``.
+
+    The newest run is the one whose ``best.pt`` or ``last.pt`` was written last. The predictor
+    logs the model it loads, so a run that took this default says which one it was.
 
     Raises:
-        UserError: neither exists, saying how to get a model.
+        UserError: there is none, saying how to get a model.
     """
-    env = os.environ.get(MODEL_ENV, "").strip()
-    if env:
-        path = Path(env).expanduser()
-        if not path.exists():
-            raise UserError(f"${MODEL_ENV}={env}: no such checkpoint, run folder or bundle; fix or unset it")
-        return path.resolve()
     runs = Path(runs_dir)
     candidates = []
     if runs.is_dir():
@@ -48,7 +51,7 @@ def find_default_model(runs_dir: str | Path = "runs") -> Path:
                 candidates.append((max(stamps), run))
     if not candidates:
         raise UserError(
-            f"no model given and none found (no ${MODEL_ENV}, no run with best.pt or last.pt in {runs.resolve()}); "
+            f"no model given and none found (no run with best.pt or last.pt in {runs.resolve()}); "
             "train one with `unetpp3d train --manifest dataset.json` (or try `unetpp3d demo`), "
             "or pass --model CHECKPOINT|RUN_FOLDER|BUNDLE_FOLDER"
         )
@@ -70,26 +73,17 @@ def bundle_metadata(payload: dict[str, Any]) -> dict[str, Any]:
         payload: a loaded checkpoint (``model_args``, ``preprocessing``, optionally ``config``).
     """
     return {
-        "format": 1,
+        "format": BUNDLE_FORMAT,
         "model_args": payload["model_args"],
         "preprocessing": payload["preprocessing"],
         "config": payload.get("config"),
     }
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _bundle_weights(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: missing; a bundle keeps its weights in models/model.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unsafe or corrupt files
-        raise UserError(f"{path}: cannot load as weights only ({type(exc).__name__}); "
-                        "it may be truncated or hold objects other than tensors") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
+    return load_state_dict(path)
 
 
 def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -107,13 +101,13 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str,
     ours = metadata.get(BUNDLE_METADATA_KEY) if isinstance(metadata, dict) else None
     weights = folder / "models" / "model.pt"
     if isinstance(ours, dict) and "model_args" in ours and "preprocessing" in ours:
-        from unetpp3d.model.network import UNetPlusPlus3D
-
-        state = _load_weights(weights)
-        try:
-            net = UNetPlusPlus3D.from_checkpoint({"model_args": ours["model_args"], "state_dict": state})
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{folder}: the bundle's model_args and weights do not fit ({exc})") from None
+        version = ours.get("format", 1)
+        if not isinstance(version, int) or version > BUNDLE_FORMAT:
+            raise UserError(f"{meta_path}: bundle format {version!r} is newer than this unetpp3d reads "
+                            f"({BUNDLE_FORMAT}); upgrade unetpp3d")
+        # Every format so far keeps model_args, preprocessing and config here, so all are read alike.
+        state = _bundle_weights(weights)
+        net = network_from_checkpoint({"model_args": ours["model_args"], "state_dict": state}, folder)
         return net, ours["preprocessing"], ours.get("config") or {}
     if not trust_bundle:
         raise UserError(
@@ -121,8 +115,6 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str,
             f"and preprocessing in configs/metadata.json); running it means executing the Python expressions in its "
             f"configs. If you trust its author, pass --trust-bundle; or run it with `python -m monai.bundle run`"
         )
-    from monai.bundle import ConfigParser
-
     configs = [folder / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")]
     config_path = next((p for p in configs if p.is_file()), None)
     if config_path is None:
@@ -142,7 +134,7 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str,
     except Exception as exc:  # anything the bundle's own code raises
         raise UserError(f"{config_path}: cannot build 'network_def' ({type(exc).__name__}: {exc})") from None
     try:
-        net.load_state_dict(_load_weights(weights))
+        net.load_state_dict(_bundle_weights(weights))
     except RuntimeError as exc:
         raise UserError(f"{weights}: does not fit the bundle's network_def ({str(exc).splitlines()[0]})") from None
     config = ours.get("config") if isinstance(ours, dict) else None
@@ -155,21 +147,15 @@ def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module
     if path.is_dir() and _is_bundle(path):
         net, prep, config = _load_bundle(path, trust_bundle)
     else:
-        from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
-        from unetpp3d.model.network import UNetPlusPlus3D
-
         ckpt = resolve_model_path(path)
         payload = load_checkpoint(ckpt)
         if "preprocessing" not in payload:
             raise UserError(f"{ckpt}: has no preprocessing, so its input pipeline is unknown; use a checkpoint "
                             "written by `unetpp3d train` (best.pt or last.pt)")
-        try:
-            net = UNetPlusPlus3D.from_checkpoint(payload)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{ckpt}: model arguments and weights do not fit ({exc})") from None
+        net = network_from_checkpoint(payload, ckpt)
         prep, config = payload["preprocessing"], payload.get("config") or {}
         path = ckpt
-    log.info("model: %s", path)
+    log.info("model: %s%s", path, "" if model is not None else " (the newest run in ./runs: no model given)")
     return net, prep, config or {}, path
 
 
@@ -177,3 +163,20 @@ def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str
     """``"name: value_a vs value_b"`` for each field of two models' preprocessing that differs."""
     a, b = Preprocessing.from_dict(dict(a)).to_dict(), Preprocessing.from_dict(dict(b)).to_dict()
     return [f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key]]
+
+
+def model_infer_config(config: dict[str, Any] | None, source: str | Path) -> InferConfig:
+    """A model's own inference settings: its config's ``infer`` section over :class:`InferConfig`'s defaults.
+
+    Args:
+        config: the training config saved with the model (a dict, possibly empty).
+        source: the model, for messages.
+
+    Raises:
+        UserError: the section holds a value that is not valid.
+    """
+    section = (config or {}).get("infer") or {}
+    try:
+        return config_from_dict({"infer": dict(section)}, f"{source} (its config)").infer
+    except UserError as exc:
+        raise UserError(f"{exc}; fix the model's config or pass the setting on the command line") from None

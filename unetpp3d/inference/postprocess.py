@@ -1,4 +1,4 @@
-"""Post-processing of predicted label maps, per task, on the input's own grid.
+"""Clean-up of predicted label maps on the input's own grid: NumPy functions and MONAI dict transforms.
 
 * **Liver**: keep the largest connected component (26-connectivity) of the liver label and fill
   its enclosed holes (background 6-connectivity, the topological dual of a 26-connected object),
@@ -11,11 +11,11 @@
   remaining one: centre in world LPS millimetres (the DICOM/ITK patient coordinates that
   SimpleITK reports), volume in mL, longest diameter in mm and mean predicted probability.
 
-The same steps are available as MONAI dictionary transforms (:func:`postprocess_transforms`), so
-that an exported MONAI Bundle can list them in its ``inference.json`` and agree voxel for voxel
-with ``unetpp3d infer``: MONAI's own ``KeepLargestConnectedComponentd`` and ``FillHolesd`` for the
-liver (:func:`largest_component_filled` gives the same result, faster, and a test checks that),
-and :class:`RemoveSmallComponentsd` for nodules.
+Which task gets which clean-up is :mod:`unetpp3d.tasks`' table; the predictor and a bundle run
+the steps as MONAI dictionary transforms listed by :func:`unetpp3d.inference.pipeline.cleanup_specs`:
+MONAI's ``KeepLargestConnectedComponentd`` and :class:`FillForegroundHolesd` for the liver, and
+:class:`RemoveSmallComponentsd` for nodules. The NumPy functions below are what those transforms
+compute (:func:`largest_component_filled` is the liver's whole clean-up on an array).
 """
 
 from __future__ import annotations
@@ -26,12 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import (
-    FillHolesd,
-    KeepLargestConnectedComponent,
-    KeepLargestConnectedComponentd,
-    MapTransform,
-)
+from monai.transforms import KeepLargestConnectedComponent, MapTransform
 from scipy import ndimage
 
 # 26-connectivity for objects, 6-connectivity for the background they enclose.
@@ -240,32 +235,3 @@ class FillForegroundHolesd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = _on_first_channel(d[key], lambda m: fill_foreground_holes(m, self.labels, self.value))
         return d
-
-
-def postprocess_transforms(task: str, labels: Sequence[int], min_component_ml: float = 0.0,
-                           keys: KeysCollection = "pred") -> list[MapTransform]:
-    """The task's post-processing as MONAI dictionary transforms, for a bundle's ``inference.json``.
-
-    They expect a channel-first ``(1, x, y, z)`` label map on the input's grid (after ``Invertd``
-    and ``AsDiscreted(argmax=True)``) and give the same result as :class:`~unetpp3d.inference.predictor.Predictor`.
-
-    Args:
-        task: "liver" or "lung_nodule".
-        labels: the foreground labels (non-zero keys of ``Preprocessing.labels``).
-        min_component_ml: smallest nodule kept, in mL (lung nodules only).
-        keys: the dictionary key(s) of the label map.
-    """
-    applied = sorted(int(v) for v in labels if int(v) != 0)
-    if task == "liver" and len(applied) > 1:  # liver and tumour: the union, see largest_component_filled
-        return [
-            KeepLargestConnectedComponentd(keys, applied_labels=applied, is_onehot=False, independent=False),
-            FillForegroundHolesd(keys, labels=applied, value=applied[0]),
-        ]
-    if task == "liver":
-        return [
-            KeepLargestConnectedComponentd(keys, applied_labels=applied, is_onehot=False, independent=True),
-            FillHolesd(keys, applied_labels=applied, connectivity=1),
-        ]
-    if task == "lung_nodule":
-        return [RemoveSmallComponentsd(keys, min_ml=min_component_ml, labels=applied)]
-    raise ValueError(f"unknown task {task!r}; expected 'liver' or 'lung_nodule'")

@@ -1,28 +1,26 @@
 """Inference: segment scans with a trained UNet++ and write masks on each scan's own grid.
 
-One case goes through these steps, each a MONAI component, so that an exported MONAI Bundle's
-``inference.json`` can list the same ones and get the same voxels:
+One case goes through the pipeline that :mod:`unetpp3d.inference.pipeline` describes once, as
+MONAI component specs that an exported MONAI Bundle's ``inference.json`` lists too:
 
-1. ``preprocessing``: ``transforms.inference_transforms(prep)``: load (``SitkReader``), orient
-   to RAS, resample to the model's spacing, crop to the body, clip and z-score intensities; the
-   model's own :class:`~unetpp3d.config.Preprocessing`, read from its checkpoint.
+1. ``preprocessing``: load (``SitkReader``), orient to RAS, resample to the model's spacing,
+   crop to the body, clip and z-score intensities; the model's own
+   :class:`~unetpp3d.config.Preprocessing`, read from its checkpoint.
 2. ``inferer``: ``SlidingWindowInferer(roi_size, sw_batch_size, overlap, mode="gaussian")``
-   (:meth:`Predictor.inferer`) over ``network`` = ``ProbabilityNet(net, tta, prune_level)``,
-   which gives each window's softmax probabilities (averaged over the 8 flips of the three
-   axes with test-time augmentation); with several models (the folds of a cross-validation),
-   ``EnsembleNet`` averages their probabilities. ``roi_size`` is ``prep.patch_size`` rounded up to the
+   (:meth:`Predictor.inferer`) over ``ProbabilityNet(net, tta, prune_level)``, which gives each
+   window's softmax probabilities (averaged over the 8 flips of the three axes with test-time
+   augmentation); with several models (the folds of a cross-validation), ``EnsembleNet``
+   averages their probabilities. ``roi_size`` is ``prep.patch_size`` rounded up to the
    network's size divisor; inputs smaller than it are padded. Windows run on the GPU; the
    whole-volume output is stitched there when it fits in free GPU memory, else on the CPU.
-3. ``postprocessing``: ``Invertd(keys="pred", transform=preprocessing, orig_keys="image",
-   nearest_interp=False)`` takes the probabilities back through crop, resampling (linear) and
-   orientation onto the input's grid; ``AsDiscreted(keys="pred", argmax=True)``; then
-   :meth:`Predictor.postprocess_transforms`: largest component with holes filled for the liver,
-   components of at least ``infer.min_component_ml`` for lung nodules (which are also measured
-   and reported in JSON and CSV).
+3. ``postprocessing``: ``Invertd`` takes the probabilities back through crop, resampling
+   (linear) and orientation onto the input's grid; ``AsDiscreted(argmax=True)``; then the
+   task's clean-up (:mod:`unetpp3d.tasks`): the largest component with holes filled for the
+   liver, components of at least ``infer.min_component_ml`` for lung nodules, which are then
+   measured for their report.
 
-:func:`run_inference` is the ``unetpp3d infer`` command: it expands its inputs into cases, runs
-the :class:`Predictor` on each, writes every output atomically (mask last, so an existing mask
-means a finished case), keeps going past a case that fails, and prints a summary table.
+The ``unetpp3d infer`` command (:mod:`unetpp3d.commands.infer`) runs a :class:`Predictor` on
+each case of a batch and writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,13 +35,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose, LoadImaged
 from torch import nn
 
-from unetpp3d.config import Preprocessing
+from unetpp3d.config import FAST_PRUNE_LEVEL, InferConfig, Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.hardware import inference_autocast_dtype
-from unetpp3d.inference.model_loading import _load_model, _preprocessing_differences
-from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
+from unetpp3d.geometry import Geometry
+from unetpp3d.hardware import autocast_dtype, resolve_device
+from unetpp3d.imageio.readers import SitkReader, read_image
+from unetpp3d.inference.model_loading import (
+    _load_model,
+    _preprocessing_differences,
+    model_infer_config,
+)
+from unetpp3d.inference.nodules import nodule_components
+from unetpp3d.inference.pipeline import (
+    PRED_KEY,
+    build_pipeline,
+    inferer_args,
+    pipeline_config,
+    window_network_args,
+)
+from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet, accepts_prune_level
+from unetpp3d.model.network import COMBINE
+from unetpp3d.tasks import task_rules
 
 log = logging.getLogger("unetpp3d")
 
@@ -51,29 +67,12 @@ log = logging.getLogger("unetpp3d")
 MODES = ("accurate", "fast")
 
 
-DEFAULT_FAST_LEVEL = 2
+# The defaults of every inference setting (the predictor's, `infer`'s, a bundle's).
+_DEFAULTS = InferConfig()
 
 
 # GPU memory kept free beside the stitched output for the windows' activations and allocator slack.
 _GPU_HEADROOM_BYTES = 2 * 1024**3
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available here (PyTorch {torch.__version__}); "
-                            "use --device cpu or install a CUDA build of PyTorch")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) present")
-    elif dev.type != "cpu":
-        raise UserError(f"--device {device}: unsupported; use cpu, cuda or cuda:N")
-    return dev
 
 
 @dataclass
@@ -100,6 +99,11 @@ class Prediction:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _plain(t: Any) -> torch.Tensor:
+    """A tensor without MONAI's metadata (a MetaTensor's ``as_tensor``), from a tensor or an array."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
 def _round_up(values: Sequence[int], divisor: Sequence[int]) -> tuple[int, int, int]:
     rounded = (int(math.ceil(int(v) / int(d)) * int(d)) for v, d in zip(values, divisor))
     return tuple(rounded)  # type: ignore[return-value]
@@ -108,28 +112,35 @@ def _round_up(values: Sequence[int], divisor: Sequence[int]) -> tuple[int, int, 
 class Predictor:
     """Segment one scan at a time with a trained network and its preprocessing.
 
+    Every setting defaults to :class:`~unetpp3d.config.InferConfig`'s default;
+    :meth:`from_source` takes the model's own ``infer`` settings instead.
+
     Args:
         network: the segmentation network (a :class:`~unetpp3d.model.network.UNetPlusPlus3D`, or any
             module returning logits in eval mode), or a list of them sharing ``preprocessing``:
             an ensemble whose softmax probabilities are averaged (:class:`EnsembleNet`).
         preprocessing: the model's :class:`Preprocessing` (or its dict).
-        mode: "accurate" (mean of all deep-supervision heads) or "fast" (the pruned UNet++ L^l).
-        prune_level: l for fast mode; default 2, capped at the network's depth.
+        mode: "accurate" (the mean of all deep-supervision heads' probabilities) or "fast" (the
+            pruned UNet++ L^l).
+        prune_level: l for fast mode; default ``FAST_PRUNE_LEVEL`` (2), capped at the network's depth.
         tta: test-time augmentation: average the probabilities of the 8 flips of the three axes.
         overlap: sliding-window overlap in [0, 1).
         sw_batch_size: windows per forward pass.
-        device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
-        amp: reduced precision where it pays: bf16 (fp16 where unsupported) on CUDA, bf16 on
-            CPUs that compute it natively (AMX, AVX512-BF16), else fp32.
+        device: "cpu", "cuda", "cuda:N", "gpu" or None (CUDA when available).
+        amp: reduced precision where it pays (:func:`~unetpp3d.hardware.autocast_dtype` "auto"):
+            bf16 (fp16 where unsupported) on CUDA, bf16 on CPUs that compute it natively (AMX,
+            AVX512-BF16), else fp32.
         min_component_ml: lung nodules smaller than this are dropped.
         series_uid: the DICOM series to read from folders holding several.
-        keep_probabilities: return the probabilities in :class:`Prediction` (default: for lung
-            nodules only, whose report needs them).
+        keep_probabilities: return the probabilities in :class:`Prediction` (default: where the
+            task keeps them, :attr:`~unetpp3d.tasks.TaskRules.keep_probabilities`).
         progress: show a progress bar over the windows.
         source: where the model came from, for messages.
+        combine: how accurate mode combines the heads: "probabilities" (their mean
+            probability, as the UNet++ paper does) or "logits" (their mean logit).
 
     Raises:
-        UserError: a setting is out of range for this model.
+        UserError: a setting is out of range for this model, or its window is too small for it.
 
     Example::
 
@@ -139,18 +150,22 @@ class Predictor:
     """
 
     def __init__(self, network: nn.Module | Sequence[nn.Module], preprocessing: Preprocessing | dict[str, Any], *,
-                 mode: str = "accurate", prune_level: int | None = None, tta: bool = False, overlap: float = 0.5,
-                 sw_batch_size: int = 2, device: str | torch.device | None = None, amp: bool = True,
-                 min_component_ml: float = 0.0,
+                 mode: str = _DEFAULTS.mode, prune_level: int | None = _DEFAULTS.prune_level,
+                 tta: bool = _DEFAULTS.tta, overlap: float = _DEFAULTS.overlap,
+                 sw_batch_size: int = _DEFAULTS.sw_batch_size, device: str | torch.device | None = None,
+                 amp: bool = True, min_component_ml: float = _DEFAULTS.min_component_ml,
                  series_uid: str | None = None, keep_probabilities: bool | None = None, progress: bool = True,
-                 source: str = "model"):
+                 source: str = "model", combine: str = "probabilities"):
         if not isinstance(preprocessing, Preprocessing):
             preprocessing = Preprocessing.from_dict(preprocessing)
         self.prep = preprocessing
+        self.rules = task_rules(self.prep.task)
         self.source = source
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if mode not in MODES:
             raise UserError(f"--mode {mode!r}: use accurate or fast")
+        if combine not in COMBINE:
+            raise UserError(f"combine {combine!r}: use {' or '.join(COMBINE)}")
         if not 0.0 <= float(overlap) < 1.0:
             raise UserError(f"--overlap {overlap}: must be in [0, 1)")
         if int(sw_batch_size) < 1:
@@ -164,19 +179,23 @@ class Predictor:
         levels = [self._check_prune_level(net, mode, prune_level) for net in networks]
         self.prune_level = levels[0]
         self.tta = bool(tta)
+        self.combine = combine
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.min_component_ml = float(min_component_ml)
         self.series_uid = series_uid
         if keep_probabilities is None:
-            keep_probabilities = self.prep.task == "lung_nodule"
+            keep_probabilities = self.rules.keep_probabilities
         self.keep_probabilities = bool(keep_probabilities)
         self.progress = progress
-        self.amp_dtype = inference_autocast_dtype(self.device) if amp else None
+        self.amp = bool(amp)
+        self.amp_dtype = autocast_dtype(self.amp, self.device)
 
         self.networks = [net.to(self.device).eval() for net in networks]
         self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
-        members = [ProbabilityNet(net, tta=self.tta, amp=amp, prune_level=level)
+        # One wrapper per member, each passing its own level per call: the networks are not changed.
+        members = [ProbabilityNet(net, combine=combine if accepts_prune_level(net) else "probabilities",
+                                  **window_network_args(self.tta, level, self.amp))
                    for net, level in zip(self.networks, levels)]
         self.window_net = (members[0] if len(members) == 1 else EnsembleNet(members)).eval()
         # Every member's size divisor, per axis (the same for the folds of one config).
@@ -187,8 +206,18 @@ class Predictor:
         if list(self.roi_size) != [int(p) for p in self.prep.patch_size]:
             log.info("patch size %s rounded up to %s, a multiple of the network's size divisor %s",
                      tuple(self.prep.patch_size), self.roi_size, divisor)
-        self._transforms = None
-        self._reader = None
+        for net in self.networks:
+            check = getattr(net, "check_input_size", None)
+            try:
+                if check is not None:
+                    check(self.roi_size)
+            except ValueError as exc:
+                raise UserError(f"{source}: its windows of {'x'.join(map(str, self.roi_size))} voxels "
+                                f"(preprocessing.patch_size) do not fit the network: {exc}") from None
+        # The one description of the pipeline, instantiated as a bundle instantiates it.
+        self.pipeline_config = pipeline_config(self.prep, self.min_component_ml, series_uid)
+        self.pipeline = build_pipeline(self.pipeline_config)
+        self._reader = SitkReader(series_uid=series_uid)
 
     @staticmethod
     def _check_prune_level(network: nn.Module, mode: str, prune_level: int | None) -> int | None:
@@ -196,15 +225,15 @@ class Predictor:
             if prune_level is not None:
                 raise UserError(f"--prune-level {prune_level} applies to the pruned network; add --mode fast")
             return None
-        if not hasattr(network, "prune_level"):
+        if not accepts_prune_level(network):
             raise UserError("--mode fast: this network cannot be pruned (it is not a unetpp3d UNet++); "
                             "use --mode accurate")
-        depth = int(getattr(network, "depth", DEFAULT_FAST_LEVEL))
+        depth = int(getattr(network, "depth", FAST_PRUNE_LEVEL))
         if not getattr(network, "deep_supervision", True):
             raise UserError("--mode fast: this model was trained without deep supervision, so it has no heads to "
                             "prune to; use --mode accurate")
         if prune_level is None:
-            return min(DEFAULT_FAST_LEVEL, depth)
+            return min(FAST_PRUNE_LEVEL, depth)
         if not 1 <= int(prune_level) <= depth:
             raise UserError(f"--prune-level {prune_level}: this model has depth {depth}; use 1..{depth} "
                             f"(1 is fastest, {depth} the full network)")
@@ -215,29 +244,36 @@ class Predictor:
     @classmethod
     def from_source(cls, model: str | Path | Sequence[str | Path] | None = None,
                     device: str | torch.device | None = None, trust_bundle: bool = False, *,
+                    mode: str | None = None, prune_level: int | None = None, tta: bool | None = None,
                     overlap: float | None = None, batch_size: int | None = None,
                     min_component_ml: float | None = None, **options: Any) -> Predictor:
         """Build a predictor from a checkpoint, a run folder or an exported MONAI Bundle, or an ensemble of them.
 
+        Each setting left None is the model's own (its config's ``infer`` section, e.g.
+        ``tta: true`` in ``configs/lung_nodule.yaml``), else :class:`~unetpp3d.config.InferConfig`'s
+        default. The model's ``prune_level`` applies where the mode is fast.
+
         Args:
             model: a checkpoint file (``.pt``), a training run folder (its ``best.pt``, else
                 ``last.pt``), a bundle folder (``configs/metadata.json`` + ``models/model.pt``),
-                or None: ``$UNETPP3D_MODEL``, else the newest run in ``./runs``. A list of
-                several is an ensemble (e.g. the folds of a cross-validation): their softmax
-                probabilities are averaged, so they must share their preprocessing (task,
-                labels, spacing, intensities, patch size); the sliding-window and post-processing
-                defaults come from the first.
+                or None: the newest run in ``./runs`` (logged). A list of several is an ensemble
+                (e.g. the folds of a cross-validation): their softmax probabilities are averaged,
+                so they must share their preprocessing (task, labels, spacing, intensities,
+                patch size); the settings come from the first.
             device: see :class:`Predictor`.
             trust_bundle: allow a bundle that unetpp3d did not export. Such a bundle's network is
                 built with ``monai.bundle.ConfigParser`` from its ``network_def``, which evaluates
                 the ``$`` Python expressions in its JSON/YAML: only for bundles you trust. A
                 unetpp3d bundle is always read as data: its metadata's ``unetpp3d`` section
                 (model_args, preprocessing) and the weights, loaded with ``weights_only=True``.
+            mode: "accurate" or "fast" (default: the model's ``infer.mode``).
+            prune_level: fast mode's level (default: the model's ``infer.prune_level``).
+            tta: flip test-time augmentation (default: the model's ``infer.tta``).
             overlap: sliding-window overlap (default: the model's ``infer.overlap``).
             batch_size: windows per forward pass (default: the model's ``infer.sw_batch_size``).
             min_component_ml: smallest nodule kept (default: the model's ``infer.min_component_ml``).
-            **options: the other keyword arguments of :class:`Predictor` (mode, prune_level, tta,
-                amp, series_uid, keep_probabilities, progress).
+            **options: the other keyword arguments of :class:`Predictor` (amp, series_uid,
+                keep_probabilities, progress, combine).
 
         Raises:
             UserError: no model found, an unreadable or untrusted model, models of an ensemble
@@ -253,52 +289,34 @@ class Predictor:
                                 "so the models cannot be ensembled (their probabilities must be on the same grid "
                                 "and classes); ensemble models trained on one dataset with one config, such as the "
                                 "folds of a cross-validation")
-        infer = (config or {}).get("infer") or {}
+        own = model_infer_config(config, path)
+        mode = mode if mode is not None else own.mode
+        if prune_level is None and mode == "fast":
+            prune_level = own.prune_level
         source = str(path)
         if len(loaded) > 1:
             source = f"ensemble of {len(loaded)} ({', '.join(str(entry[3]) for entry in loaded)})"
         return cls(
-            [entry[0] for entry in loaded] if len(loaded) > 1 else net, prep, device=device,
-            overlap=overlap if overlap is not None else float(infer.get("overlap", 0.5)),
-            sw_batch_size=batch_size if batch_size is not None else int(infer.get("sw_batch_size", 2)),
-            min_component_ml=(min_component_ml if min_component_ml is not None
-                              else float(infer.get("min_component_ml", 0.0))),
+            [entry[0] for entry in loaded] if len(loaded) > 1 else net, prep, device=device, mode=mode,
+            prune_level=prune_level, tta=own.tta if tta is None else tta,
+            overlap=own.overlap if overlap is None else overlap,
+            sw_batch_size=own.sw_batch_size if batch_size is None else batch_size,
+            min_component_ml=own.min_component_ml if min_component_ml is None else min_component_ml,
             source=source, **options,
         )
 
     # -- the MONAI pieces, shared with the bundle ---------------------------------------------
 
     @property
-    def transforms(self):
-        """``inference_transforms(prep)``: the Compose whose ``inverse`` Invertd applies."""
-        if self._transforms is None:
-            from unetpp3d.data.transforms import inference_transforms
-            from unetpp3d.imageio.readers import SitkReader
+    def transforms(self) -> Compose:
+        """The preprocessing ``Compose`` (from :attr:`pipeline_config`), whose inverse ``Invertd`` applies."""
+        return self.pipeline.preprocessing
 
-            self._reader = SitkReader(series_uid=self.series_uid)
-            self._transforms = inference_transforms(self.prep, reader=self._reader)
-        return self._transforms
-
-    def inferer(self, stitch_device: torch.device | str | None = None):
-        """The ``SlidingWindowInferer`` this predictor runs (Gaussian blending, padding for small inputs)."""
-        from monai.inferers import SlidingWindowInferer
-
-        from unetpp3d.data.transforms import pad_value
-
-        # Pad small inputs as training did (with air), not with 0, which is soft tissue after the z-score.
-        return SlidingWindowInferer(
-            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian",
-            padding_mode="constant", cval=pad_value(self.prep), sw_device=self.device,
-            device=stitch_device or self.device,
-            progress=self.progress,
-        )
-
-    def postprocess_transforms(self, keys: str = "pred") -> list:
-        """The task's post-processing as MONAI dictionary transforms (what a bundle lists after argmax)."""
-        from unetpp3d.inference.postprocess import postprocess_transforms
-
-        labels = [int(k) for k in self.prep.labels if int(k) != 0]
-        return postprocess_transforms(self.prep.task, labels, self.min_component_ml, keys=keys)
+    def inferer(self, stitch_device: torch.device | str | None = None) -> SlidingWindowInferer:
+        """The ``SlidingWindowInferer`` this predictor runs (:func:`~unetpp3d.inference.pipeline.inferer_args`)."""
+        return SlidingWindowInferer(**inferer_args(self.roi_size, self.sw_batch_size, self.overlap, self.prep),
+                                    sw_device=self.device, device=stitch_device or self.device,
+                                    progress=self.progress)
 
     def _stitch_device(self, shapes: Sequence[Sequence[int]]) -> tuple[torch.device, str]:
         """Where to hold the whole-volume output: the GPU when it fits in its free memory, else the CPU."""
@@ -317,13 +335,8 @@ class Predictor:
 
     # -- one case ----------------------------------------------------------------------------
 
-    def _load(self, path: Path) -> tuple[dict[str, Any], np.ndarray, Any]:
+    def _load(self, path: Path) -> tuple[dict[str, Any], np.ndarray, Geometry]:
         """Run the preprocessing; return the transformed dict, the scan as read, and its geometry."""
-        from monai.transforms import Compose, LoadImaged
-
-        from unetpp3d.geometry import Geometry
-        from unetpp3d.imageio.readers import read_image
-
         steps = list(self.transforms.transforms)
         if not steps or not isinstance(steps[0], LoadImaged):
             image_xyz, geometry = read_image(path, series_uid=self.series_uid)
@@ -339,6 +352,21 @@ class Predictor:
         geometry = Geometry.from_dict(raw.meta["geometry"])
         return Compose(steps[1:])(data), image_xyz, geometry
 
+    def _invert(self, data: dict[str, Any], probs: torch.Tensor, name: str) -> torch.Tensor:
+        """The pipeline's ``Invertd``: the probabilities back on the input's grid."""
+        try:
+            return self.pipeline.invert({**data, PRED_KEY: probs})[PRED_KEY]
+        except RuntimeError as exc:
+            if probs.device.type == "cpu":
+                raise
+            # Out of GPU memory (the input's grid can be far larger than the resampled one) or
+            # a GPU-only failure: the CPU gives the same result, more slowly.
+            log.warning("%s: resampling back to the input grid failed on %s (%s); redoing it on the CPU",
+                        name, probs.device, str(exc).splitlines()[0][:120])
+            probs = probs.cpu()
+            torch.cuda.empty_cache()
+            return self.pipeline.invert({**data, PRED_KEY: probs})[PRED_KEY]
+
     @torch.no_grad()
     def predict(self, image_path: str | Path) -> Prediction:
         """Segment one scan.
@@ -352,15 +380,11 @@ class Predictor:
         Raises:
             UserError: the scan cannot be read.
         """
-        from monai.transforms import Invertd
-
-        from unetpp3d.inference.nodules import nodule_components
-        from unetpp3d.inference.postprocess import largest_component_filled
-
         start = time.perf_counter()
         path = Path(image_path)
         data, image_xyz, geometry = self._load(path)
         image = data["image"]
+        resampled = [int(v) for v in image.shape[1:]]
         loaded = time.perf_counter()
 
         stitch, why = self._stitch_device([image.shape[1:], geometry.size])
@@ -372,37 +396,22 @@ class Predictor:
 
         # Invertd copies the image's trace of applied transforms onto the prediction and undoes
         # them: crop -> pad back, spacing -> linear resampling to the input's grid, orientation.
-        invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image", nearest_interp=False,
-                         to_tensor=True)
-        try:
-            inverted = invert({**data, "pred": probs})["pred"]
-        except RuntimeError as exc:
-            if probs.device.type == "cpu":
-                raise
-            # Out of GPU memory (the input's grid can be far larger than the resampled one) or
-            # a GPU-only failure: the CPU gives the same result, more slowly.
-            log.warning("%s: resampling back to the input grid failed on %s (%s); redoing it on the CPU",
-                        path.name, probs.device, str(exc).splitlines()[0][:120])
-            probs = probs.cpu()
-            torch.cuda.empty_cache()
-            inverted = invert({**data, "pred": probs})["pred"]
-        del data, probs
-        probabilities = inverted.as_tensor() if hasattr(inverted, "as_tensor") else inverted
-        if tuple(probabilities.shape[1:]) != tuple(geometry.size):
-            raise RuntimeError(f"inverse transforms gave {tuple(probabilities.shape[1:])}, expected {geometry.size}")
-        mask = probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
-        probs_np = probabilities.float().cpu().numpy() if (self.keep_probabilities or self.prep.task == "lung_nodule") \
-            else None
-        del inverted, probabilities
-
-        labels = [int(k) for k in self.prep.labels if int(k) != 0]
+        inverted = self._invert(data, probs, path.name)
+        del data, probs, image
+        if tuple(inverted.shape[1:]) != tuple(geometry.size):
+            raise RuntimeError(f"inverse transforms gave {tuple(inverted.shape[1:])}, expected {geometry.size}")
+        keep = self.keep_probabilities or self.rules.nodule_report
+        probs_np = _plain(inverted).float().cpu().numpy() if keep else None
+        # The rest of the pipeline: argmax, then the task's clean-up, as a bundle runs them.
+        label = self.pipeline.after_invert({PRED_KEY: inverted})[PRED_KEY]
+        del inverted
+        mask = _plain(label)[0].to(torch.uint8).cpu().numpy()
         nodules = None
-        if self.prep.task == "liver":
-            mask = largest_component_filled(mask, labels)
-        elif self.prep.task == "lung_nodule":
-            mask, nodules = nodule_components(mask, geometry, probs_np, self.min_component_ml)
+        if self.rules.nodule_report:
+            # Measurement only: the pipeline has already dropped components below min_component_ml.
+            _, nodules = nodule_components(mask, geometry, probs_np)
         end = time.perf_counter()
-        info = {"stitch": str(stitch), "resampled_shape": [int(s) for s in image.shape[1:]],
+        info = {"stitch": str(stitch), "resampled_shape": resampled,
                 "load_s": loaded - start, "windows_s": windows - loaded, "post_s": end - windows}
         log.info("%s: %.1f s (read+preprocess %.1f, windows %.1f, inverse+postprocess %.1f)", path.name,
                  end - start, info["load_s"], info["windows_s"], info["post_s"])
@@ -420,6 +429,8 @@ class Predictor:
     def describe(self) -> str:
         """One line: model, mode, TTA, window and device."""
         mode = self.mode if self.prune_level is None else f"fast (UNet++ L^{self.prune_level})"
+        if self.prune_level is None and self.combine != "probabilities":
+            mode += f" (heads combined as {self.combine})"
         return (f"{self.source}: task {self.prep.task}, mode {mode}, tta {'on' if self.tta else 'off'}, "
                 f"window {'x'.join(map(str, self.roi_size))} overlap {self.overlap:g} x{self.sw_batch_size}, "
                 f"device {self.device}{' amp ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}")

@@ -40,22 +40,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """The one ``torch.load(weights_only=True)`` of unetpp3d: checkpoints, model files and bundle weights.
 
     Args:
-        path: a ``.pt`` file written by :func:`save_checkpoint` (or ``UNetPlusPlus3D.save``).
+        path: a file written by ``torch.save``.
         map_location: where to put the tensors.
 
+    Returns:
+        What the file holds (plain Python types and tensors only).
+
     Raises:
-        UserError: the file is missing, truncated, not a checkpoint, or pickles objects other
-            than plain types and tensors (which could run code, so they are refused).
+        UserError: the file is missing, truncated or not a PyTorch file, or it pickles objects
+            other than plain types and tensors (which could run code, so they are refused).
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+        raise UserError(f"{path}: no such checkpoint or weights file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused, it holds objects other than weights and plain values, which could "
                         f"run code when loaded ({_unpickling_reason(exc)}); only load checkpoints written by "
@@ -63,9 +66,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
                         f"it may be truncated or not a PyTorch file") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint (or a ``UNetPlusPlus3D.save`` file) with :func:`load_weights_only`.
+
+    Args:
+        path: a ``.pt`` file written by :func:`save_checkpoint` (or ``UNetPlusPlus3D.save``).
+        map_location: where to put the tensors.
+
+    Raises:
+        UserError: as :func:`load_weights_only`, or the file is not a unetpp3d checkpoint (no
+            ``model_args`` and ``state_dict``).
+    """
+    payload = load_weights_only(path, map_location)
     if not isinstance(payload, dict) or "model_args" not in payload or "state_dict" not in payload:
         raise UserError(f"{path}: not a unetpp3d checkpoint (no model_args/state_dict)")
     return payload
+
+
+def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict in a weights file (a bundle's ``models/model.pt``), or in a checkpoint.
+
+    Raises:
+        UserError: as :func:`load_weights_only`, or the file holds no state dict.
+    """
+    state = load_weights_only(path, map_location)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def _unpickling_reason(exc: Exception) -> str:

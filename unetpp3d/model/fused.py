@@ -65,12 +65,29 @@ def _small_fp32_cpu_batch(x: torch.Tensor) -> bool:
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
-if _ONEDNN and torch.ops.aten.mkldnn_convolution not in flop_counter.flop_registry:
-    # torch.utils.flop_counter counts aten.convolution only; without this it would miss the
-    # convolutions of the call above and under-count the network's FLOPs.
-    @flop_counter.register_flop_formula(torch.ops.aten.mkldnn_convolution)
-    def _mkldnn_convolution_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+def _mkldnn_convolution_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+def flop_counter_mode(**kwargs) -> flop_counter.FlopCounterMode:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the fused path's direct oneDNN calls.
+
+    PyTorch's counter knows ``aten.convolution`` only, so without this it would miss the
+    convolutions :func:`_run_fused` sends to ``aten.mkldnn_convolution`` and under-count the
+    network. The formula is given to this counter alone (``custom_mapping``), not registered in
+    torch's process-wide table.
+
+    Args:
+        **kwargs: passed to ``FlopCounterMode`` (``display``, ``depth``).
+
+    Example::
+
+        >>> with flop_counter_mode(display=False) as counter, torch.no_grad():
+        ...     net.eval()(x)
+        >>> counter.get_total_flops()
+    """
+    return flop_counter.FlopCounterMode(custom_mapping={torch.ops.aten.mkldnn_convolution: _mkldnn_convolution_flops},
+                                        **kwargs)
 
 
 # Under activation checkpointing, keep what is costly to recompute (3x3x3 convolutions: the

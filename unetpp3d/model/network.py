@@ -22,6 +22,7 @@ tests/test_network_perf.py checks that the two agree, outputs and gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -32,11 +33,16 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from unetpp3d.atomic import atomic_path
 from unetpp3d.errors import UserError
+from unetpp3d.model.checkpoint import load_checkpoint, save_checkpoint
 from unetpp3d.model.fused import _keep_convolutions, _node, _run_fused
 
 Stride = int | Sequence[int]
+
+
+# How eval mode with all heads combines them: "probabilities" averages the heads' softmax outputs,
+# as the paper does; "logits" averages their logits (what unetpp3d did before), kept for comparison.
+COMBINE = ("probabilities", "logits")
 
 
 def _as_triple(stride: Stride) -> tuple[int, int, int]:
@@ -126,10 +132,13 @@ class UNetPlusPlus3D(nn.Module):
         dropout: dropout probability inside each block.
 
     In training mode with deep supervision, ``forward`` returns the list of the L head outputs,
-    X^{0,1} first, each at the input's resolution. In eval mode it returns one tensor: the mean
-    of the heads' logits (accurate mode, ``prune_level = None``), or with ``prune_level = l`` only
-    the nodes with ``i + j <= l`` are computed and head X^{0,l} is returned (the paper's
-    UNet++ L^l). Spatial sizes must be multiples of :attr:`size_divisor`.
+    X^{0,1} first, each at the input's resolution. In eval mode it returns one tensor of
+    log-probabilities whose softmax is the mean of the heads' softmax probabilities (accurate
+    mode, as the paper averages its heads), or, called with ``prune_level=l``, only the nodes
+    with ``i + j <= l`` are computed and head X^{0,l}'s logits are returned (the paper's
+    UNet++ L^l). The level is an argument of each call, not a setting of the network, so one
+    network can serve a fast and an accurate caller at once. Spatial sizes must be multiples of
+    :attr:`size_divisor`, and the deepest level must keep more than one voxel.
 
     Run-time switches, none saved with the model: ``fused`` (default True) picks the fast path
     over the plain reference one (same outputs within float tolerance); ``channels_last``
@@ -142,7 +151,7 @@ class UNetPlusPlus3D(nn.Module):
         >>> net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=(8, 16, 32, 64))
         >>> heads = net(torch.zeros(1, 1, 32, 32, 32))           # training: list of 3 heads
         >>> mask = net.eval()(torch.zeros(1, 1, 32, 32, 32)).argmax(1)
-        >>> net.prune_level = 1                                   # fast mode: UNet++ L^1
+        >>> fast = net(torch.zeros(1, 1, 32, 32, 32), prune_level=1)  # fast mode: UNet++ L^1
     """
 
     def __init__(
@@ -186,7 +195,6 @@ class UNetPlusPlus3D(nn.Module):
         self.depth = depth
         self.deep_supervision = bool(deep_supervision)
         self.strides = strides3
-        self.prune_level: int | None = None
         self.fused = True
         self.channels_last = True
         self.checkpointing = False
@@ -230,39 +238,85 @@ class UNetPlusPlus3D(nn.Module):
             div = [d * k for d, k in zip(div, s)]
         return tuple(div)  # type: ignore[return-value]
 
+    @property
+    def _bottleneck_norm_per_channel(self) -> bool:
+        """Whether the deepest block normalises each channel of each sample on its own voxels."""
+        for layer in self.encoder[self.depth].modules():
+            if isinstance(layer, nn.InstanceNorm3d):
+                return True
+            if isinstance(layer, nn.GroupNorm) and layer.num_groups == layer.num_channels:
+                return True
+        return False
+
     def check_input_size(self, spatial: Sequence[int]) -> None:
-        """Raise a ValueError naming the multiple needed when a size cannot pass the network."""
+        """Raise a ValueError saying how to fix a spatial size that cannot pass the network.
+
+        A size must be a multiple of :attr:`size_divisor` on each axis, and must not leave the
+        deepest level (X^{L,0}) a single voxel where its normalisation takes statistics per
+        channel (instance norm, or group norm with one channel per group): the normalised
+        value of one voxel is 0, so that level would output its norm's bias whatever the
+        input, and everything above it would ignore it.
+        """
         div = self.size_divisor
-        if len(spatial) != 3 or any(int(n) % d for n, d in zip(spatial, div)):
+        size = tuple(int(n) for n in spatial)
+        if len(size) != 3 or any(n % d for n, d in zip(size, div)):
             raise ValueError(
-                f"input spatial size {tuple(int(n) for n in spatial)} must be 3D with each axis a multiple of "
+                f"input spatial size {size} must be 3D with each axis a multiple of "
                 f"{div} (the product of the strides); pad or crop it, e.g. with monai.transforms.DivisiblePad(k={div})"
             )
+        bottleneck = [n // d for n, d in zip(size, div)]
+        if math.prod(bottleneck) == 1 and self._bottleneck_norm_per_channel:
+            larger = (2 * div[0], *div[1:])
+            raise ValueError(
+                f"input spatial size {size} leaves the deepest level of the network (X^{{{self.depth},0}}) a single "
+                f"voxel, where its {self.model_args['norm']} norm turns every feature into a constant, so the output "
+                f"would not depend on that level; use a patch of at least twice the size divisor {div} along one "
+                f"axis (e.g. {larger}), or a network with one level fewer (drop the last entry of model.features)"
+            )
 
-    def _levels_needed(self) -> int:
+    def _levels_needed(self, prune_level: int | None) -> int:
         """How far along the top row this forward pass must go."""
-        if self.training or self.prune_level is None:
+        if prune_level is None:
             return self.depth
-        level = int(self.prune_level)
+        if self.training:
+            raise ValueError("prune_level is for inference; call net.eval() first (training computes every head)")
+        level = int(prune_level)
         if not 1 <= level <= self.depth:
             raise ValueError(f"prune_level must be None or in 1..{self.depth}, got {level}")
         if not self.deep_supervision and level != self.depth:
-            raise ValueError("a network without deep supervision has no head to prune to; set prune_level=None")
+            raise ValueError("a network without deep supervision has no head to prune to; use prune_level=None")
         return level
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, prune_level: int | None = None,
+                combine: str = "probabilities") -> torch.Tensor | list[torch.Tensor]:
+        """Run the network.
+
+        Args:
+            x: ``(batch, channels, x, y, z)``, each spatial size a multiple of :attr:`size_divisor`.
+            prune_level: eval mode only: compute the pruned UNet++ L^l and return head X^{0,l}'s
+                logits. None: every head.
+            combine: eval mode, every head: ``"probabilities"`` returns ``log(mean_k softmax(head_k))``,
+                whose softmax (and argmax) is the mean of the heads' probabilities;
+                ``"logits"`` returns the mean of the heads' logits.
+
+        Returns:
+            Training with deep supervision: the list of the heads' logits, X^{0,1} first.
+            Otherwise one tensor ``(batch, out_channels, x, y, z)``.
+        """
         if x.ndim != 5:
             raise ValueError(f"expected a (batch, channels, D, H, W) tensor, got shape {tuple(x.shape)}")
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         self.check_input_size(x.shape[2:])
-        top = self._levels_needed()
+        top = self._levels_needed(prune_level)
         if not self.fused:
-            return self._heads(self._rows_reference(x, top), top, lambda head, t: head(t))
+            return self._heads(self._rows_reference(x, top), top, lambda head, t: head(t), prune_level, combine)
         cl = self.channels_last
         if cl:
             # Every op on the fused path keeps the channels-last layout: one conversion in, and
             # one out of the few logit channels.
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        out = self._heads(self._rows_fused(x, top), top, lambda head, t: _run_fused(head, t, cl))
+        out = self._heads(self._rows_fused(x, top), top, lambda head, t: _run_fused(head, t, cl), prune_level, combine)
         if not cl:
             return out
         if isinstance(out, list):
@@ -303,25 +357,20 @@ class UNetPlusPlus3D(nn.Module):
                 rows[lvl].append(run(node, up, cl, *rows[lvl], rows[lvl + 1][k - 1]))
         return rows
 
-    def _heads(self, rows: list[list[torch.Tensor]], top: int, apply) -> torch.Tensor | list[torch.Tensor]:
-        """The output for the current mode; ``apply(head, features)`` runs one head."""
+    def _heads(self, rows: list[list[torch.Tensor]], top: int, apply, prune_level: int | None,
+               combine: str) -> torch.Tensor | list[torch.Tensor]:
+        """The output for the mode; ``apply(head, features)`` runs one head."""
         if not self.deep_supervision:
             return apply(self.heads[0], rows[0][self.depth])
         if self.training:
             return [apply(self.heads[j - 1], rows[0][j]) for j in range(1, self.depth + 1)]
-        if self.prune_level is not None:
+        if prune_level is not None:
             return apply(self.heads[top - 1], rows[0][top])
-        # Accurate mode: average the heads' logits, all at full resolution.
-        out = apply(self.heads[0], rows[0][1])
-        for j in range(2, self.depth + 1):
-            out = out + apply(self.heads[j - 1], rows[0][j])
-        return out / self.depth
+        return combine_heads([apply(self.heads[j - 1], rows[0][j]) for j in range(1, self.depth + 1)], combine)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
-        payload = {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})}
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        save_checkpoint(path, {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})})
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> UNetPlusPlus3D:
@@ -331,23 +380,43 @@ class UNetPlusPlus3D(nn.Module):
         return net
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UNetPlusPlus3D:
-    """Rebuild a saved network from its file alone, loading with ``weights_only=True``.
+def combine_heads(logits: Sequence[torch.Tensor], combine: str = "probabilities") -> torch.Tensor:
+    """One output from the heads' logits, as the accurate mode combines them.
+
+    Args:
+        logits: each head's ``(batch, classes, x, y, z)`` logits.
+        combine: ``"probabilities"``: ``log(mean_k softmax(logits_k))`` in float32, computed as a
+            log-sum-exp of log-softmaxes (no underflow), so its softmax is exactly the mean of
+            the heads' probabilities; ``"logits"``: the mean of the logits, whose softmax is a
+            normalised geometric mean of the heads' probabilities, in which one confident head
+            outweighs the others.
+    """
+    if combine == "logits":
+        return sum(logits[1:], logits[0]) / len(logits)
+    out = None
+    for head in logits:
+        log_p = torch.log_softmax(head.float(), dim=1)
+        out = log_p if out is None else torch.logaddexp(out, log_p)
+    return out - math.log(len(logits))
+
+
+def network_from_checkpoint(payload: dict[str, Any], source: str | Path) -> UNetPlusPlus3D:
+    """:meth:`UNetPlusPlus3D.from_checkpoint`, with a user error naming ``source`` when they do not fit.
 
     Raises:
-        UserError: the file is missing, not a checkpoint, or carries objects other than weights.
+        UserError: the model arguments are invalid or the weights do not fit them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for unsafe or corrupt files
-        raise UserError(f"{path}: cannot load as a weights-only checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(payload, dict) or "model_args" not in payload or "state_dict" not in payload:
-        raise UserError(f"{path}: not a unetpp3d model (no model_args/state_dict)")
     try:
         return UNetPlusPlus3D.from_checkpoint(payload)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: model arguments or weights do not fit: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"{source}: model arguments and weights do not fit ({str(exc).splitlines()[0]})") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UNetPlusPlus3D:
+    """Rebuild a saved network from its file alone (:func:`~unetpp3d.model.checkpoint.load_checkpoint`).
+
+    Raises:
+        UserError: the file is missing, not a checkpoint, carries objects other than weights, or
+            its arguments and weights do not fit.
+    """
+    return network_from_checkpoint(load_checkpoint(path, map_location), path)

@@ -24,8 +24,9 @@ from unetpp3d.synth.shapes import (
     Union,
     Vec,
 )
+from unetpp3d.tasks import TASK_RULES
 
-LABEL_NAMES = {"liver": "liver", "lung_nodule": "nodule"}
+LABEL_NAMES = {name: rules.foreground for name, rules in TASK_RULES.items()}  # what label 1 is called
 
 
 # Field of view (mm) that the default isotropic grid covers: the whole body cross-section.

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
-from unetpp3d.errors import UserError
+from unetpp3d.hardware import resolve_device
 
 
 @dataclass
@@ -34,7 +33,9 @@ class Dist:
         """Read torchrun's variables, join the process group, and pick this process's device."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        device = _pick_device(device_request, local if world > 1 else None)
+        device = resolve_device(device_request, local if world > 1 else None)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if world > 1 and not torch_dist.is_initialized():
             torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(rank, world, local), device
@@ -55,21 +56,3 @@ class Dist:
     def close(self) -> None:
         if self.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-
-
-def _pick_device(request: str | None, local_rank: int | None) -> torch.device:
-    if request is None:
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", request):
-        raise UserError(f"--device {request!r}: use cpu, cuda or cuda:N")
-    if request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {request}: no CUDA device is available; use --device cpu")
-        device = torch.device(f"cuda:{local_rank}" if local_rank is not None else request)
-        if device.index is None:  # "cuda": the current device, by number, for DDP and messages
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and mixed-precision policy for training."""
+"""Optimiser and learning-rate schedule for training (the precision policy is unetpp3d.hardware.autocast_dtype)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from unetpp3d.config import TrainConfig
-from unetpp3d.errors import UserError
 
 
 def make_optimizer(params: Any, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -36,17 +35,3 @@ def lr_factor(epoch: int, tc: TrainConfig) -> float:
 def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-epoch schedule; a plain function, so its state dict holds numbers only."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, tc))
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: auto is bf16 where CUDA supports it, else fp16; off on CPU."""
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        if setting == "fp16":
-            raise UserError("train.amp: fp16 needs a CUDA device; use train.amp=bf16 or off on the CPU")
-        return torch.bfloat16
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if setting == "bf16" and not bf16_ok:
-        raise UserError(f"train.amp: {torch.cuda.get_device_name(device)} does not support bf16; use fp16 or auto")
-    return torch.bfloat16 if setting == "bf16" or (setting == "auto" and bf16_ok) else torch.float16
