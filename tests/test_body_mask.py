@@ -15,13 +15,9 @@ import torch
 from monai.transforms import CropForegroundd
 
 from unetpp3d.config import AugmentConfig, DataConfig, Preprocessing
-from unetpp3d.data.body import body_mask_array
+from unetpp3d.data.body import BODY_KEY, BodyMask, BodyMaskd, body_mask, body_mask_array
 from unetpp3d.data.transforms import (
-    BODY_KEY,
     TRAIN_RANDOM_START,
-    BodyMask,
-    BodyMaskd,
-    body_mask,
     eval_transforms,
     preprocessing_specs,
     split_for_cache,
@@ -163,5 +159,5 @@ def test_older_preprocessing_keeps_the_threshold_and_bundles_name_the_mask():
     assert repr(body_mask(Preprocessing.from_dict(old))) == repr(BodyMask(-500.0, "threshold"))
     specs = preprocessing_specs(_prep("filled"))
     select = next(s for s in specs if s["_target_"] == "CropForegroundd")["select_fn"]
-    assert select == {"_target_": "unetpp3d.data.transforms.BodyMask", "threshold_hu": -500.0, "mode": "filled",
+    assert select == {"_target_": "unetpp3d.data.body.BodyMask", "threshold_hu": -500.0, "mode": "filled",
                       "air_hu": -950.0}

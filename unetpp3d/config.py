@@ -299,7 +299,7 @@ class Preprocessing:
     crop_foreground: bool = True
     body_threshold_hu: float = -500.0  # voxels above this count as body (tissue) for the crop
     # "threshold": the body is the voxels above body_threshold_hu; "filled": their filled outline,
-    # lungs included (see unetpp3d.data.transforms.BodyMask). Older checkpoints lack the field
+    # lungs included (see unetpp3d.data.body.BodyMask). Older checkpoints lack the field
     # and keep the threshold they were trained with.
     body_mask: Literal["threshold", "filled"] = "threshold"
     body_air_hu: float = -950.0  # "filled": a region outside the outline counts as body unless its median is below

@@ -23,12 +23,12 @@ from unetpp3d.config import Config, Preprocessing, config_from_dict, load_config
 from unetpp3d.data.fingerprint import fingerprint
 from unetpp3d.data.loader import make_train_loader, make_val_loader
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
-from unetpp3d.model.planning import plan
 from unetpp3d.data.validation import validate_case
 from unetpp3d.errors import UserError
 from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
+from unetpp3d.model.planning import plan
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
 from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler

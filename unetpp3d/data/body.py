@@ -22,10 +22,20 @@ Where no voxel is tissue, everything counts as body, so a scan is never cropped 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 from scipy import ndimage
 
+from unetpp3d.config import Preprocessing
+
 MODES = ("threshold", "filled")
+BODY_KEY = "body"  # training with the filled body mask: the mask, from preprocessing to the patch sampler
 
 
 def body_mask_array(hu: np.ndarray, threshold_hu: float = -500.0, mode: str = "threshold",
@@ -75,3 +85,74 @@ def body_mask_array(hu: np.ndarray, threshold_hu: float = -500.0, mode: str = "t
         sizes[0] = 0
         body = parts == int(np.argmax(sizes))
     return body
+
+
+class BodyMask(Transform):
+    """The body of a CT in HU: image (C, x, y, z) -> boolean mask of the same shape.
+
+    Also the ``select_fn`` of ``CropForegroundd``. ``mode="threshold"`` is the voxels above
+    ``threshold_hu``; ``mode="filled"`` is the body's filled outline, lungs included (see
+    :mod:`unetpp3d.data.body`). Where no voxel is tissue every voxel is selected, so the scan is
+    left uncropped instead of cropped to nothing. A class with plain arguments rather than a
+    lambda, so that pipelines pickle into DataLoader workers and a bundle config can name it.
+
+    Args:
+        threshold_hu: voxels above it are tissue.
+        mode: ``"threshold"`` or ``"filled"``.
+        air_hu: ``"filled"`` only: a region outside the outline with its median at or below this
+            is air around the patient.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, threshold_hu: float = -500.0, mode: str = "threshold", air_hu: float = -950.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"body mask mode {mode!r} is not one of {', '.join(MODES)}")
+        self.threshold_hu = float(threshold_hu)
+        self.mode = mode
+        self.air_hu = float(air_hu)
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if self.mode == "threshold":
+            mask = img > self.threshold_hu
+            if not mask.any():
+                return torch.ones_like(mask) if isinstance(mask, torch.Tensor) else np.ones_like(mask)
+            return mask
+        hu = convert_data_type(img, np.ndarray)[0]
+        mask = np.stack([body_mask_array(channel, self.threshold_hu, self.mode, self.air_hu) for channel in hu])
+        return convert_to_dst_type(mask, img, dtype=torch.bool if isinstance(img, torch.Tensor) else bool)[0]
+
+    def __repr__(self) -> str:
+        return f"BodyMask({self.threshold_hu}, {self.mode!r}, {self.air_hu})"
+
+
+class BodyMaskd(MapTransform):
+    """Dictionary wrapper of :class:`BodyMask`: the mask of ``keys`` (the image) under ``mask_key``, as uint8.
+
+    Training keeps it beside the image through the crop and the padding, and draws background
+    patches from it (``RandCropByPosNegLabeld(image_key=mask_key, image_threshold=0.5)``).
+
+    Args:
+        keys: the image key (one).
+        mask_key: where to store the mask.
+        threshold_hu, mode, air_hu: as for :class:`BodyMask`.
+    """
+
+    backend = BodyMask.backend
+
+    def __init__(self, keys: KeysCollection, mask_key: str = BODY_KEY, threshold_hu: float = -500.0,
+                 mode: str = "threshold", air_hu: float = -950.0) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.mask = BodyMask(threshold_hu, mode, air_hu)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.mask_key] = convert_to_dst_type(self.mask(d[key]), d[key], dtype=torch.uint8)[0]
+        return d
+
+
+def body_mask(prep: Preprocessing) -> BodyMask:
+    """The :class:`BodyMask` that ``prep`` crops with (its ``body_*`` fields)."""
+    return BodyMask(prep.body_threshold_hu, prep.body_mask, prep.body_air_hu)

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
-from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.image_reader import ImageReader
 from monai.transforms import (
@@ -60,20 +59,14 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
-    Transform,
 )
-from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 
 from unetpp3d.config import DataConfig, Preprocessing
-from unetpp3d.data.body import MODES as BODY_MODES
-from unetpp3d.data.body import body_mask_array
+from unetpp3d.data.body import BODY_KEY, BodyMask, BodyMaskd
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.readers import SitkReader
 
 IMAGE_KEY = "image"
-
-
-BODY_KEY = "body"  # training with the filled body mask: the mask, from preprocessing to the patch sampler
 
 
 # Training: load, EnsureType, orientation, spacing, crop foreground, intensity, pad image,
@@ -97,77 +90,6 @@ MAX_CONTEXT = 1.6  # cap on how much larger than the patch the pre-rotation crop
 # Beyond this ratio of coarsest to finest target spacing, rotate in-plane only (nnU-Net uses 3):
 # rotating thick-slice voxels out of plane would shear the anatomy.
 ANISOTROPY_LIMIT = 3.0
-
-
-class BodyMask(Transform):
-    """The body of a CT in HU: image (C, x, y, z) -> boolean mask of the same shape.
-
-    Also the ``select_fn`` of ``CropForegroundd``. ``mode="threshold"`` is the voxels above
-    ``threshold_hu``; ``mode="filled"`` is the body's filled outline, lungs included (see
-    :mod:`unetpp3d.data.body`). Where no voxel is tissue every voxel is selected, so the scan is
-    left uncropped instead of cropped to nothing. A class with plain arguments rather than a
-    lambda, so that pipelines pickle into DataLoader workers and a bundle config can name it.
-
-    Args:
-        threshold_hu: voxels above it are tissue.
-        mode: ``"threshold"`` or ``"filled"``.
-        air_hu: ``"filled"`` only: a region outside the outline with its median at or below this
-            is air around the patient.
-    """
-
-    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
-
-    def __init__(self, threshold_hu: float = -500.0, mode: str = "threshold", air_hu: float = -950.0) -> None:
-        if mode not in BODY_MODES:
-            raise ValueError(f"body mask mode {mode!r} is not one of {', '.join(BODY_MODES)}")
-        self.threshold_hu = float(threshold_hu)
-        self.mode = mode
-        self.air_hu = float(air_hu)
-
-    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
-        if self.mode == "threshold":
-            mask = img > self.threshold_hu
-            if not mask.any():
-                return torch.ones_like(mask) if isinstance(mask, torch.Tensor) else np.ones_like(mask)
-            return mask
-        hu = convert_data_type(img, np.ndarray)[0]
-        mask = np.stack([body_mask_array(channel, self.threshold_hu, self.mode, self.air_hu) for channel in hu])
-        return convert_to_dst_type(mask, img, dtype=torch.bool if isinstance(img, torch.Tensor) else bool)[0]
-
-    def __repr__(self) -> str:
-        return f"BodyMask({self.threshold_hu}, {self.mode!r}, {self.air_hu})"
-
-
-class BodyMaskd(MapTransform):
-    """Dictionary wrapper of :class:`BodyMask`: the mask of ``keys`` (the image) under ``mask_key``, as uint8.
-
-    Training keeps it beside the image through the crop and the padding, and draws background
-    patches from it (``RandCropByPosNegLabeld(image_key=mask_key, image_threshold=0.5)``).
-
-    Args:
-        keys: the image key (one).
-        mask_key: where to store the mask.
-        threshold_hu, mode, air_hu: as for :class:`BodyMask`.
-    """
-
-    backend = BodyMask.backend
-
-    def __init__(self, keys: KeysCollection, mask_key: str = BODY_KEY, threshold_hu: float = -500.0,
-                 mode: str = "threshold", air_hu: float = -950.0) -> None:
-        super().__init__(keys)
-        self.mask_key = mask_key
-        self.mask = BodyMask(threshold_hu, mode, air_hu)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.mask_key] = convert_to_dst_type(self.mask(d[key]), d[key], dtype=torch.uint8)[0]
-        return d
-
-
-def body_mask(prep: Preprocessing) -> BodyMask:
-    """The :class:`BodyMask` that ``prep`` crops with (its ``body_*`` fields)."""
-    return BodyMask(prep.body_threshold_hu, prep.body_mask, prep.body_air_hu)
 
 
 class RandRotateScaled(RandomizableTransform, MapTransform):
@@ -272,6 +194,8 @@ def pad_value(prep: Preprocessing) -> float:
 
 # Where the specs find unetpp3d's own components (derived from the classes, so a move is followed).
 _READER_TARGET = f"{SitkReader.__module__}.{SitkReader.__qualname__}"
+_BODY_MASK_TARGET = f"{BodyMask.__module__}.{BodyMask.__qualname__}"
+_BODY_MASKD_TARGET = f"{BodyMaskd.__module__}.{BodyMaskd.__qualname__}"
 
 
 def preprocessing_specs(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY, "label"),
@@ -315,13 +239,13 @@ def preprocessing_specs(prep: Preprocessing, keys: KeysCollection = (IMAGE_KEY, 
     ]
     body = {"threshold_hu": float(prep.body_threshold_hu), "mode": prep.body_mask, "air_hu": float(prep.body_air_hu)}
     if body_key is not None:
-        specs.append({"_target_": f"{__name__}.BodyMaskd", "keys": IMAGE_KEY, "mask_key": body_key, **body})
+        specs.append({"_target_": _BODY_MASKD_TARGET, "keys": IMAGE_KEY, "mask_key": body_key, **body})
         if prep.crop_foreground:
             specs.append({"_target_": "CropForegroundd", "keys": [*keys, body_key], "source_key": body_key,
                           "margin": CROP_MARGIN_VOXELS, "allow_smaller": True})
     elif prep.crop_foreground:
         specs.append({"_target_": "CropForegroundd", "keys": keys, "source_key": IMAGE_KEY,
-                      "select_fn": {"_target_": f"{__name__}.BodyMask", **body},
+                      "select_fn": {"_target_": _BODY_MASK_TARGET, **body},
                       "margin": CROP_MARGIN_VOXELS, "allow_smaller": True})
     # Clip to [low, high] and z-score in one affine map: (low, high) -> ((low-mean)/std, (high-mean)/std).
     specs.append({"_target_": "ScaleIntensityRanged", "keys": IMAGE_KEY, "a_min": low, "a_max": high,

@@ -32,7 +32,12 @@ from monai.utils import ensure_tuple
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.imageio.dicom import _read_dicom_folder
-from unetpp3d.imageio.formats import IMAGE_SUFFIXES, _as_label, _check_finite, _read_file
+from unetpp3d.imageio.formats import (
+    IMAGE_SUFFIXES,
+    _as_label,
+    _check_finite,
+    _read_file,
+)
 
 
 def read_image(path: str | Path, series_uid: str | None = None, is_label: bool = False
