@@ -11,8 +11,9 @@ shape on the project's synthetic phantoms (``unetpp3d.synth``), per task (liver,
 * data: one training set and one *separately seeded* held-out test set per task, written once
   with :func:`unetpp3d.synth.phantom.write_dataset`; the same for every model and seed;
 * preprocessing: planned once per task from the training set (:func:`unetpp3d.model.planning.plan`);
-* models, all trained by the same loop below with the same budget (iterations, patch, batch,
-  optimiser, poly schedule), the same patch stream and the same seeds:
+* models, all trained by the project's own training loop (:func:`unetpp3d.training.trainer.build_trainer`:
+  the loop, precision policy, optimiser and poly schedule of ``unetpp3d train``) with the same
+  budget (iterations, patch, batch), the same patch stream and the same seeds:
     - ``U-Net``: MONAI ``BasicUNet`` with features chosen so its parameter count is within
       ``--param-tolerance`` of our UNet++ (both counts printed and tabulated);
     - ``UNet++``: :class:`unetpp3d.model.network.UNetPlusPlus3D` without deep supervision;
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
@@ -54,18 +54,17 @@ if str(REPO) not in sys.path:
 from monai.networks.nets import BasicUNet  # noqa: E402
 
 from unetpp3d.config import config_from_dict  # noqa: E402
-from unetpp3d.evaluation.metrics import score_arrays  # noqa: E402
-from unetpp3d.data.loader import make_train_loader  # noqa: E402
-from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
+from unetpp3d.data.fingerprint import fingerprint  # noqa: E402
 from unetpp3d.data.manifest import Case, load_manifest  # noqa: E402
-from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
-from unetpp3d.data.fingerprint import fingerprint
-from unetpp3d.model.planning import plan  # noqa: E402
-from unetpp3d.inference.predictor import Predictor  # noqa: E402
+from unetpp3d.evaluation.metrics import score_arrays  # noqa: E402
 from unetpp3d.imageio.readers import read_image  # noqa: E402
+from unetpp3d.inference.predictor import Predictor  # noqa: E402
+from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
+from unetpp3d.model.planning import plan  # noqa: E402
 from unetpp3d.synth.phantom import write_dataset  # noqa: E402
-from unetpp3d.training.optim import make_optimizer, make_scheduler
+from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
 from unetpp3d.training.rng import seed_everything  # noqa: E402
+from unetpp3d.training.trainer import build_trainer  # noqa: E402
 
 PAPER_IOU = {  # Zhou et al. 2018, Table 3 (IoU %): U-Net, UNet++ with deep supervision
     "liver": (76.62, 82.90),
@@ -115,7 +114,6 @@ def make_plan(task: str, train_cases: list, labels: dict[int, str], args: argpar
         "data.num_workers=0",
         f"train.optimizer={args.optimizer}",
         f"train.lr={args.lr}",
-        "train.amp=off",
     ])
     fp = fingerprint(train_cases, labels)
     return plan(cfg, fp, labels, echo=None)
@@ -167,37 +165,24 @@ def matched_unet_features(target: int, tolerance: float) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train(net: torch.nn.Module, cfg, prep, train_cases, iterations: int, seed: int) -> dict:
-    """``iterations`` optimiser steps with the project's loader, loss, optimiser and schedule."""
+def train(net: torch.nn.Module, cfg, prep, train_cases, iterations: int, seed: int, folder: Path) -> dict:
+    """``iterations`` optimiser steps of ``unetpp3d train``'s own Trainer (loop, precision, optimiser,
+    poly schedule, patch stream), without validation; the run's files go to ``folder``."""
     tc = cfg.train
-    epochs = min(10, iterations)  # the poly schedule steps per epoch
-    tc.epochs, tc.iterations_per_epoch = epochs, max(1, iterations // epochs)
-    loader = make_train_loader(train_cases, prep, cfg.data, int(cfg.data.batch_size), tc.iterations_per_epoch,
-                               seed=seed)
+    tc.epochs = min(10, iterations)  # the poly schedule steps per epoch
+    tc.iterations_per_epoch = max(1, iterations // tc.epochs)
+    tc.seed = seed  # the epochs' patches and augmentation are seeded from (seed, epoch)
     # "auto": equal head weights, taken from each call (3 heads with DS, 1 without, 1 for the U-Net)
     loss_fn = DeepSupervisionLoss(prep.num_classes, "auto", kind=tc.loss)
-    opt = make_optimizer(net.parameters(), tc)
-    sched = make_scheduler(opt, tc)
-    net.train()
-    start, losses = time.perf_counter(), []
-    for epoch in range(epochs):
-        seed_everything(seed * 1000 + epoch)
-        loader.set_epoch(epoch)
-        for batch in loader:
-            image, label = (batch[k].as_tensor() if hasattr(batch[k], "as_tensor") else batch[k]
-                            for k in ("image", "label"))
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(image), label)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-        sched.step()
+    trainer = build_trainer(cfg, prep, net, loss_fn, train_cases, [], folder, torch.device("cpu"))
+    start = time.perf_counter()
+    stopped = trainer.fit()
+    if stopped is not None:  # Ctrl-C: the trainer stopped after a step; so does the table
+        raise SystemExit(128 + stopped)
     net.eval()
-    steps = epochs * tc.iterations_per_epoch
-    return {"train_s": time.perf_counter() - start, "steps": steps,
-            "first_loss": float(np.mean(losses[:5])), "last_loss": float(np.mean(losses[-5:]))}
+    losses = [row["train_loss"] for row in trainer.history]
+    return {"train_s": time.perf_counter() - start, "steps": tc.epochs * tc.iterations_per_epoch,
+            "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def evaluate(net: torch.nn.Module, prep, test: list[Case], prune_level: int | None,
@@ -314,7 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
     ap.add_argument("--param-tolerance", type=float, default=0.10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--work-dir", type=Path, default=None, help="where the phantoms go (default: a temp dir)")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="where the phantoms and the training runs go (default: a temp dir)")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.iterations = args.iterations or (120 if args.quick else 2000)
@@ -379,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                     seed_everything(seed)  # the same initialisation stream for every model
                     net = build()
                     models[name]["params"] = n_params(net)
-                    info = train(net, cfg, prep, train_cases, args.iterations, seed)
+                    slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+                    info = train(net, cfg, prep, train_cases, args.iterations, seed,
+                                 work / task / "runs" / f"{slug}_seed{seed}")
                     models[name]["train"].append({"seed": seed, **info})
                     evals = [(name, None)]
                     if name == "UNet++ (DS)":
@@ -392,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                                 models[row_name]["params"] = pruned_params(net, level)
                             print(f"[{task}] seed {seed} {row_name:24s} IoU {100 * r['iou']:6.2f} Dice "
                                   f"{100 * r['dice']:6.2f}  {r['seconds']:.2f} s/volume"
-                                  + (f"  (trained {info['steps']} steps in {info['train_s']:.0f} s, loss "
+                                  + (f"  (trained {info['steps']} steps in {info['train_s']:.0f} s, epoch loss "
                                      f"{info['first_loss']:.3f} -> {info['last_loss']:.3f})" if level is None else ""),
                                   flush=True)
             spacing = float(np.mean(read_image(test[0].image)[1].spacing))

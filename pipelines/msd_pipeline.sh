@@ -17,7 +17,7 @@ usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 TASK="${1:-}"
 [[ $TASK == liver || $TASK == lung_nodule ]] || usage
 shift
-DATA_DIR="${DATA_DIR:-}" OUT_DIR="${OUT_DIR:-}" FOLDS="${FOLDS:-1}" CONFIG="${CONFIG:-$here/../configs/$TASK.yaml}"
+DATA_DIR="${DATA_DIR:-}" OUT_DIR="${OUT_DIR:-}" FOLDS="${FOLDS:-1}" CONFIG="${CONFIG:-$here/../unetpp3d/resources/configs/$TASK.yaml}"
 EPOCHS="${EPOCHS:-}" DEVICE="${DEVICE:-}" MANIFEST="${MANIFEST:-}" CACHE_DIR="${CACHE_DIR:-}"
 train_extra=()
 while (($#)); do
@@ -95,8 +95,9 @@ for ((fold = 0; fold < FOLDS; fold++)); do
     "${unetpp3d[@]}" train --manifest "$MANIFEST" --out "$run" --resume --fold "$fold" \
       "${train_options[@]}" "${train_extra[@]}"
   else
+    # --fingerprint: step 1's, so that training reads no case before its loaders do.
     "${unetpp3d[@]}" train --manifest "$MANIFEST" --config "$CONFIG" --out "$run" --fold "$fold" \
-      "${train_options[@]}" "${train_extra[@]}"
+      --fingerprint "$OUT_DIR/fingerprint.json" "${train_options[@]}" "${train_extra[@]}"
   fi
 done
 

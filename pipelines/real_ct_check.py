@@ -17,7 +17,7 @@ Steps, each the project's own command line (``unetpp3d ...``) in a subprocess, a
 1. write ``cases.json`` (the three cases, paths relative to it) and ``train.json`` (the same
    cases for training, and again for validation through symbolic links, because a manifest
    refuses to list one file twice);
-2. ``unetpp3d check --manifest cases.json``;
+2. ``unetpp3d check --manifest cases.json --out .`` (writes ``cases.fingerprint.json``);
 3. ``unetpp3d train --manifest train.json --config configs/real_ct_check.yaml --out run``;
 4. ``unetpp3d infer cases.json --model run --out masks``;
 5. compare every mask's grid with its scan's, read independently with plain SimpleITK: size,
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_abs = out.resolve()
     steps = {
-        "check": ["check", "--manifest", str(cases_json.resolve())],
+        "check": ["check", "--manifest", str(cases_json.resolve()), "--out", str(out_abs)],
         "train": ["train", "--manifest", str(train_json.resolve()), "--config", str(args.config.resolve()),
                   "--out", str(out_abs / "run"), "--device", args.device,
                   *(["--epochs", str(args.epochs)] if args.epochs is not None else []),

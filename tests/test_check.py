@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,23 @@ import pytest
 import SimpleITK as sitk
 from test_readers import write_dicom_series
 
-from unetpp3d.data.validation import default_fingerprint_path, validate_case
 from unetpp3d.commands.check import run_check
 from unetpp3d.commands.cli import main
-from unetpp3d.data.manifest import Case, write_manifest
+from unetpp3d.data.fingerprint import fingerprint_mismatch
+from unetpp3d.data.manifest import Case, load_manifest, write_manifest
+from unetpp3d.data.validation import default_fingerprint_path, validate_case
 
 LABELS = {0: "background", 1: "liver"}
 FLIP_Y = (1, 0, 0, 0, -1, 0, 0, 0, 1)
+
+
+@pytest.fixture(autouse=True)
+def _work_folder(tmp_path, monkeypatch):
+    """Run each test from its own folder: `check` writes the fingerprint into the current folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
 
 
 def phantom(shape=(16, 16, 12)):
@@ -42,7 +53,8 @@ def test_good_dataset_passes_and_writes_fingerprint(make_image, tmp_path, capsys
     out = capsys.readouterr().out
     assert "3 case(s)" in out and "liver (mL)" in out and "spacing (mm)" in out
     fp_path = default_fingerprint_path(manifest)
-    assert fp_path == tmp_path / "ds.fingerprint.json"
+    assert fp_path == tmp_path / "work" / "ds.fingerprint.json"  # the current folder, not beside the data
+    assert not (tmp_path / "ds.fingerprint.json").exists()
     fp = json.loads(fp_path.read_text())
     assert fp["n_cases"] == 3 and fp["median_spacing"] == [1.0, 1.0, 2.0]
     assert fp["cases"][0]["label_volumes_ml"]["1"] == pytest.approx(6 * 6 * 6 * 2.0 / 1000)
@@ -50,6 +62,50 @@ def test_good_dataset_passes_and_writes_fingerprint(make_image, tmp_path, capsys
     # explicit fingerprint path
     assert run_check(manifest, fingerprint_path=tmp_path / "elsewhere" / "fp.json") == 0
     assert (tmp_path / "elsewhere" / "fp.json").is_file()
+
+
+def test_fingerprint_goes_to_the_out_folder_and_records_each_cases_files(make_image, tmp_path):
+    cases = [good_case(make_image, f"case{i}") for i in range(2)]
+    manifest = write_manifest(tmp_path / "ds.json", cases, LABELS, task="liver")
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--manifest", str(manifest), "--out", str(tmp_path / "out")])
+    assert info.value.code == 0
+    fp = json.loads((tmp_path / "out" / "ds.fingerprint.json").read_text())
+    assert not (tmp_path / "ds.fingerprint.json").exists() and not (tmp_path / "work" / "ds.fingerprint.json").exists()
+    files = fp["cases"][0]["files"]
+    image = cases[0].image.stat()
+    assert files["image"] == {"path": str(cases[0].image.resolve()), "size": image.st_size,
+                              "mtime_ns": image.st_mtime_ns}
+    assert set(files) == {"image", "label"}
+    assert fp["seed"] == 0 and fp["series_uid"] is None
+
+
+def test_a_fingerprint_matches_until_a_file_changes(make_image, tmp_path):
+    cases = [good_case(make_image, f"case{i}") for i in range(2)]
+    manifest = write_manifest(tmp_path / "ds.json", cases, LABELS, task="liver")
+    assert run_check(manifest) == 0
+    fp = json.loads(default_fingerprint_path(manifest).read_text())
+    man = load_manifest(manifest)
+    assert fingerprint_mismatch(fp, man.training, LABELS) is None
+    assert "lacks case(s) other" in fingerprint_mismatch(fp, [*man.training, Case("other", cases[0].image)], LABELS)
+    assert "has other case(s) case1" in fingerprint_mismatch(fp, man.training[:1], LABELS)
+    assert "labels" in fingerprint_mismatch(fp, man.training, {0: "background", 1: "liver", 2: "tumour"})
+    later = cases[1].label.stat().st_mtime_ns + 10**9
+    os.utime(cases[1].label, ns=(later, later))
+    why = fingerprint_mismatch(fp, man.training, LABELS)
+    assert why.startswith("case1's label") and str(cases[1].label.resolve()) in why
+
+
+def test_a_dicom_folder_is_stamped_by_its_files(tmp_path):
+    series = write_dicom_series(tmp_path / "series")
+    manifest = write_manifest(tmp_path / "d.json", [], LABELS, test=[Case("d", series)])
+    assert run_check(manifest) == 0
+    fp = json.loads(default_fingerprint_path(manifest).read_text())
+    stamp = fp["cases"][0]["files"]["image"]
+    slices = [p for p in series.rglob("*") if p.is_file()]
+    assert stamp["files"] == len(slices) and stamp["size"] == sum(p.stat().st_size for p in slices)
+    slices[0].write_bytes(slices[0].read_bytes() + b"\0")
+    assert "has changed" in fingerprint_mismatch(fp, load_manifest(manifest).test, LABELS)
 
 
 def test_flipped_label_is_fine_and_empty_label_is_a_warning(make_image, tmp_path):

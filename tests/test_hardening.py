@@ -467,7 +467,7 @@ def test_unicode_and_spaces_in_paths_through_every_command(tmp_path):
     names = [f"scan {i}.nii.gz" for i in range(1, len(cases) + 1)]
     assert len(names) >= 2
 
-    result = unetpp3d("check", "--manifest", manifest)
+    result = unetpp3d("check", "--manifest", manifest, "--out", root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (root / "dataset ü.fingerprint.json").is_file()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +23,17 @@ from conftest import ONE_THREAD
 from monai.data import Dataset
 from monai.transforms import Compose, RandSpatialCropSamplesd
 
+import unetpp3d.commands.train as train_command
 from unetpp3d import UserError, load_model
-from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
+from unetpp3d.commands.check import run_check
+from unetpp3d.commands.train import _load_run_config, run_training
 from unetpp3d.config import TrainConfig, load_config
 from unetpp3d.data.loader import EpochSampler, TrainLoader
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
+from unetpp3d.data.validation import inspect_case
+from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
 from unetpp3d.synth.phantom import write_dataset
 from unetpp3d.training.optim import lr_factor
-from unetpp3d.commands.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -160,6 +165,24 @@ def test_sigterm_keeps_last_checkpoint_and_says_how_to_resume(phantoms, tmp_path
     assert [int(r["epoch"]) for r in read_metrics(run)] == list(range(1, saved + 1))
 
 
+def test_resume_with_the_first_runs_command_line(phantoms, tmp_path):
+    """`--resume` with the same --config works; a config asking for other values is refused, naming them."""
+    run = tmp_path / "run"
+    first = TINY + ["train.epochs=1", "train.iterations_per_epoch=1"]
+    run_training(phantoms, SMOKE, run, device="cpu", overrides=first)
+    run_training(phantoms, SMOKE, run, resume=True, device="cpu",
+                 overrides=TINY + ["train.epochs=2", "train.iterations_per_epoch=1"])  # --set still changes values
+    assert last_epoch(run) == 2 and "resuming at epoch 2/2" in (run / "train.log").read_text()
+
+    other = tmp_path / "other.yaml"
+    other.write_text(SMOKE.read_text().replace("lr: 0.01", "lr: 0.02").replace("overlap: 0.25", "overlap: 0.5"))
+    with pytest.raises(UserError, match=r"other\.yaml: differs from the config of the run in .*"
+                                        r"train\.lr: 0\.02 here, 0\.01 in the run; "
+                                        r"infer\.overlap: 0\.5 here, 0\.25 in the run"):
+        run_training(phantoms, other, run, resume=True, device="cpu", overrides=first)
+    assert last_epoch(run) == 2
+
+
 def test_resume_needs_a_run(phantoms, tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         run_training(phantoms, out_dir=tmp_path / "none", resume=True, device="cpu")
@@ -252,12 +275,56 @@ def test_force_overwrites_only_run_files_and_fold_picks_the_split(phantoms, tmp_
 
 
 def test_default_config_is_the_tasks(phantoms, tmp_path, monkeypatch):
-    import unetpp3d.commands.train as trainer
-
     (tmp_path / "liver.yaml").write_text("train:\n  lr: -1.0\n")
-    monkeypatch.setattr(trainer, "REPO_CONFIGS", tmp_path)
+    monkeypatch.setattr(train_command, "task_config_path", lambda task: tmp_path / f"{task}.yaml")
     with pytest.raises(UserError, match=r"liver\.yaml: train\.lr must be positive"):
         run_training(phantoms, out_dir=tmp_path / "run", device="cpu")
+
+
+def test_a_lung_nodule_manifest_gets_the_shipped_lung_config(phantoms, tmp_path):
+    man = load_manifest(phantoms)
+    lung = write_manifest(tmp_path / "lung.json", man.training, {0: "background", 1: "nodule"}, task="lung_nodule")
+    cfg, source = _load_run_config(load_manifest(lung), None, [])
+    assert Path(source).name == "lung_nodule.yaml" and Path(source).parent.name == "configs"
+    assert cfg.task == "lung_nodule" and cfg.data.intensity_range == [-1000.0, 400.0] and cfg.infer.tta is True
+    cfg, _ = _load_run_config(man, None, [])
+    assert cfg.task == "liver" and cfg.data.intensity_range == "auto" and cfg.infer.tta is False
+
+
+def test_training_reuses_checks_fingerprint_until_a_file_changes(phantoms, tmp_path, monkeypatch):
+    """Each case is read once: `check`'s fingerprint is reused while the files are unchanged."""
+    man = load_manifest(phantoms)
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    # Copies: the test changes a file's modification time.
+    cases = [Case(c.name, Path(shutil.copy(c.image, tmp_path / "images")),
+                  Path(shutil.copy(c.label, tmp_path / "labels"))) for c in [*man.training, *(man.validation or [])]]
+    manifest = write_manifest(tmp_path / "ds.json", cases, man.labels, task="liver")
+    monkeypatch.chdir(tmp_path)
+    assert run_check(manifest) == 0  # writes ./ds.fingerprint.json
+    reads: list[str] = []
+
+    def counting(case, *args, **kwargs):
+        reads.append(case.name)
+        return inspect_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(train_command, "inspect_case", counting)
+    overrides = TINY + ["train.epochs=1", "train.iterations_per_epoch=1"]
+    reused = run_training(manifest, SMOKE, tmp_path / "reused", device="cpu", overrides=overrides)
+    assert f"fingerprint: reusing {tmp_path / 'ds.fingerprint.json'}" in (reused / "train.log").read_text()
+    assert reads == []
+
+    later = cases[1].label.stat().st_mtime_ns + 10**9
+    os.utime(cases[1].label, ns=(later, later))
+    stale = run_training(manifest, SMOKE, tmp_path / "stale", device="cpu", overrides=overrides)
+    log = (stale / "train.log").read_text()
+    assert "fingerprint: not reusing" in log and f"{cases[1].name}'s label {cases[1].label.resolve()}" in log
+    assert sorted(reads) == sorted(c.name for c in cases)  # checked and fingerprinted in one read each
+    assert load_config(stale / "config.yaml") == load_config(reused / "config.yaml")  # the same plan
+
+    with pytest.raises(UserError, match="--fingerprint .*missing.json: no such file"):
+        run_training(manifest, SMOKE, tmp_path / "none", device="cpu", overrides=overrides,
+                     fingerprint_path=tmp_path / "missing.json")
 
 
 def test_a_config_for_another_task_is_refused(phantoms, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -271,6 +272,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except UserError as exc:
         msg = str(exc)
         raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def task_config_path(task: str) -> Path | None:
+    """The config shipped for ``task`` (``unetpp3d/resources/configs/<task>.yaml``), or None.
+
+    Package data read through :mod:`importlib.resources`, so an installed wheel finds it as a
+    source checkout does (configs/README.md says why the task configs live in the package).
+    """
+    path = Path(str(resources.files("unetpp3d") / "resources" / "configs" / f"{task}.yaml"))
+    return path if path.is_file() else None
 
 
 def _deep_copy(data: Any) -> Any:

@@ -3,7 +3,9 @@
 ``unetpp3d check --manifest dataset.json`` reads each case the way training will
 (:func:`unetpp3d.imageio.readers.read_image`), collects what is wrong instead of stopping at the first
 error, prints one line per problem, a short summary of the data, and writes the dataset
-fingerprint that :func:`unetpp3d.model.planning.plan` turns into a configuration.
+fingerprint that :func:`unetpp3d.model.planning.plan` turns into a configuration into an output
+folder (the current one by default; never beside the user's data, which may be read-only or
+shared). ``unetpp3d train`` reuses it while the cases' files are unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from unetpp3d.atomic import atomic_write_text
-from unetpp3d.data.fingerprint import combine_fingerprints
 from unetpp3d.data.manifest import Case, load_manifest
-from unetpp3d.data.validation import _CaseResult, _inspect, default_fingerprint_path
+from unetpp3d.data.validation import CaseResult, default_fingerprint_path, fingerprint_of, inspect_case
 from unetpp3d.errors import UserError, exit_status
 
 
@@ -58,20 +59,22 @@ def _summary(n_cases: dict[str, int], entries: list[dict[str, Any]], labels: dic
 
 
 def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerprint_path: str | Path | None = None,
-              seed: int = 0) -> int:
+              seed: int = 0, out_dir: str | Path | None = None) -> int:
     """Check every case of a manifest, print the problems and a summary, write the fingerprint.
 
     Spacing and size in the summary and the fingerprint are in the RAS (x, y, z) order that
     training uses. The fingerprint (see :func:`unetpp3d.data.fingerprint.combine_fingerprints`) comes
-    from the training and validation cases (all cases when none is labelled) and is written
-    only when no case has an error, so a stale dataset never plans a model.
+    from the training and validation cases (all cases when none is labelled), records each
+    case's file sizes and modification times, and is written only when no case has an error, so
+    a stale dataset never plans a model.
 
     Args:
         manifest_path: the dataset manifest.
         series_uid: SeriesInstanceUID for DICOM folders holding several series.
         fingerprint_path: where to write the fingerprint JSON; default
-            ``<manifest stem>.fingerprint.json`` beside the manifest.
+            ``OUT_DIR/<manifest stem>.fingerprint.json``.
         seed: intensity-sampling seed.
+        out_dir: folder for the fingerprint; default the current folder.
 
     Returns:
         The exit status of :func:`unetpp3d.errors.exit_status`: 0 when no case has an error, 2
@@ -83,9 +86,9 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
     manifest = load_manifest(manifest_path)
     labelled_names = {c.name for c in [*manifest.training, *(manifest.validation or [])]}
     cases = manifest.all_cases()
-    results: list[tuple[Case, _CaseResult]] = []
+    results: list[tuple[Case, CaseResult]] = []
     for case in tqdm(cases, desc="checking", unit="case", file=sys.stderr, disable=None, leave=False):
-        results.append((case, _inspect(case, manifest.labels, series_uid, seed)))
+        results.append((case, inspect_case(case, manifest.labels, series_uid, seed)))
 
     problems = [p for _, r in results for p in r.problems]
     errors = [p for p in problems if p.severity == "error"]
@@ -105,15 +108,16 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
     chosen = [(c, r) for c, r in results if r.entry is not None and c.name in labelled_names]
     if not chosen:
         chosen = [(c, r) for c, r in results if r.entry is not None]
-    fp = combine_fingerprints([r.entry for _, r in chosen], [r.samples for _, r in chosen], manifest.labels,
-                              [r.labelled for _, r in chosen])
+    fp = fingerprint_of([r for _, r in chosen], manifest.labels)
     fp["manifest"] = str(manifest.path.resolve())
     fp["seed"] = seed
-    out = Path(fingerprint_path) if fingerprint_path is not None else default_fingerprint_path(manifest.path)
+    fp["series_uid"] = series_uid
+    out = (Path(fingerprint_path) if fingerprint_path is not None
+           else default_fingerprint_path(manifest.path, out_dir))
     try:
         atomic_write_text(out, json.dumps(fp, indent=1) + "\n")
     except OSError as exc:
-        raise UserError(f"{out}: cannot write the fingerprint ({exc.strerror or exc}); pass --fingerprint PATH "
-                        "to write it elsewhere") from None
+        raise UserError(f"{out}: cannot write the fingerprint ({exc.strerror or exc}); pass --out DIR or "
+                        "--fingerprint PATH to write it elsewhere") from None
     print(f"all {len(cases)} case(s) passed; fingerprint written to {out}")
     return 0

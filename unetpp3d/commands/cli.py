@@ -94,7 +94,9 @@ def _main(
 def check(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest (JSON)."),
     series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
-    fingerprint: Optional[Path] = typer.Option(None, help="Where to write the dataset fingerprint (default: beside the manifest)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for <manifest>.fingerprint.json "
+                                       "(default: the current folder, never beside the data)."),
+    fingerprint: Optional[Path] = typer.Option(None, help="Write the dataset fingerprint to this file instead."),
 ) -> None:
     """Validate every case of a manifest, print a summary and write the dataset fingerprint.
 
@@ -102,7 +104,7 @@ def check(
     """
     from unetpp3d.commands.check import run_check
 
-    raise typer.Exit(run_check(manifest, series_uid=series_uid, fingerprint_path=fingerprint))
+    raise typer.Exit(run_check(manifest, series_uid=series_uid, fingerprint_path=fingerprint, out_dir=out))
 
 
 @app.command()
@@ -127,7 +129,8 @@ def train(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest (JSON)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: the task's config)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<manifest>-<time>)."),
-    resume: bool = typer.Option(False, help="Continue from OUT/last.pt."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last.pt with the run's config (a --config given "
+                                "again must ask for the same values)."),
     force: bool = typer.Option(False, help="Overwrite an existing run folder."),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs."),
     device: Optional[str] = typer.Option(None, callback=device_option,
@@ -136,13 +139,15 @@ def train(
                                                   "list: the dataset's own folds (nnU-Net splits_final.json beside a "
                                                   "dataset.json, Auto3DSeg 'fold' keys), else seeded data.folds."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE, e.g. --set train.lr=0.001 (repeatable)."),
+    fingerprint: Optional[Path] = typer.Option(None, help="Fingerprint written by `unetpp3d check`, reused while the "
+                                               "cases' files are unchanged (default: ./<manifest>.fingerprint.json)."),
 ) -> None:
     """Train a 3D UNet++ on the cases of a manifest."""
     from unetpp3d.commands.train import run_training
 
     overrides = list(set_) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     run_training(manifest=manifest, config_path=config, out_dir=out, resume=resume, force=force,
-                 device=device, fold=fold, overrides=overrides)
+                 device=device, fold=fold, overrides=overrides, fingerprint_path=fingerprint)
 
 
 @app.command()

@@ -13,7 +13,14 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from unetpp3d.commands.check import run_check
+from unetpp3d.commands.evaluate import run_evaluation
+from unetpp3d.commands.infer import run_inference
+from unetpp3d.commands.train import run_training
+from unetpp3d.data.manifest import load_manifest
 from unetpp3d.errors import UserError
+from unetpp3d.evaluation.metrics import evaluate_case
+from unetpp3d.synth.phantom import write_dataset
 
 DEMO_CASES = 14  # about 20% are held out for testing by the phantom writer
 
@@ -43,14 +50,6 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
     Returns:
         0 when the mean liver Dice on the held-out phantoms reaches 0.90, else 1.
     """
-    from unetpp3d.commands.check import run_check
-    from unetpp3d.commands.evaluate import run_evaluation
-    from unetpp3d.commands.infer import run_inference
-    from unetpp3d.commands.train import run_training
-    from unetpp3d.data.manifest import load_manifest
-    from unetpp3d.evaluation.metrics import evaluate_case
-    from unetpp3d.synth.phantom import write_dataset
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; pick another --out")
@@ -65,12 +64,13 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
     manifest = write_dataset(task="liver", n_cases=DEMO_CASES, out_dir=data, seed=DEMO_SEED, size=DEMO_SIZE)
 
     say("[2/5] checking the dataset")
-    if run_check(manifest) != 0:
+    fingerprint = out / f"{manifest.stem}.fingerprint.json"  # in the demo's folder; training reuses it
+    if run_check(manifest, fingerprint_path=fingerprint) != 0:
         raise UserError(f"{manifest}: the generated phantoms failed `unetpp3d check`; this is a bug, please report it")
 
     say("[3/5] training a small UNet++ (progress per epoch below)")
     run = run_training(manifest=manifest, config_path=demo_config_path(), out_dir=out / "run", force=True,
-                       device=device)
+                       device=device, fingerprint_path=fingerprint)
 
     say("[4/5] segmenting the held-out phantoms")
     test_cases = load_manifest(manifest).test
@@ -97,6 +97,7 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
     say("written:")
     for label, path in [
         ("phantoms + manifest", manifest),
+        ("dataset fingerprint", fingerprint),
         ("run folder (checkpoints, config.yaml, train.log, TensorBoard)", run),
         ("training curves", run / "curves.png"),
         ("metrics per epoch", run / "metrics.csv"),

@@ -1,14 +1,17 @@
 """``unetpp3d train``: check everything a user can get wrong, plan the run, then hand a Trainer its parts.
 
 Manifest, config, case checks, planning and the patch size against the network are all checked
-before the run folder is created, so a mistake costs seconds and leaves nothing behind.
+before the run folder is created, so a mistake costs seconds and leaves nothing behind. Each
+case is read once before the loaders read it: the fingerprint ``unetpp3d check`` wrote is reused
+while the cases' files are unchanged (and then the cases need no new check either), else every
+case is checked and fingerprinted in one read.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,14 +19,12 @@ from typing import Any
 
 import torch
 import yaml
-from monai.utils import set_determinism
 
 from unetpp3d.atomic import atomic_write_text
-from unetpp3d.config import Config, Preprocessing, config_from_dict, load_config
-from unetpp3d.data.fingerprint import fingerprint
-from unetpp3d.data.loader import make_train_loader, make_val_loader
+from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict, load_config, task_config_path
+from unetpp3d.data.fingerprint import fingerprint_mismatch, read_fingerprint
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
-from unetpp3d.data.validation import validate_case
+from unetpp3d.data.validation import default_fingerprint_path, fingerprint_of, inspect_case
 from unetpp3d.errors import UserError
 from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint
@@ -31,13 +32,8 @@ from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import plan
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
-from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
-from unetpp3d.training.rng import seed_everything, set_rng_state
-from unetpp3d.training.runlog import RunLog
-from unetpp3d.training.trainer import Trainer
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
+from unetpp3d.training.rng import seed_everything
+from unetpp3d.training.trainer import Trainer, build_trainer
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "split.json", "metrics.csv", "train.log", "curves.png",
              "tensorboard")
@@ -56,12 +52,12 @@ class _Plan:
 
 
 def _load_run_config(man: Manifest, config_path: Path | None, overrides: list[str]) -> tuple[Config, str]:
-    """The config file (default: ``configs/<task>.yaml``) with overrides, and its name for messages.
+    """The config file (default: the task's shipped config) with overrides, and its name for messages.
 
     A config that names a task must name the manifest's; one that does not takes the manifest's.
     """
-    if config_path is None and man.task and (REPO_CONFIGS / f"{man.task}.yaml").is_file():
-        config_path = REPO_CONFIGS / f"{man.task}.yaml"
+    if config_path is None and man.task:
+        config_path = task_config_path(man.task)
     cfg = load_config(config_path, overrides)
     if man.task and cfg.task != man.task:
         raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
@@ -74,6 +70,43 @@ def _load_run_config(man: Manifest, config_path: Path | None, overrides: list[st
     return cfg, str(config_path) if config_path else "default config"
 
 
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _config_differences(requested: Config, run: Config, overridden: list[str]) -> list[str]:
+    """``"key: A here, B in the run"`` for every value of ``requested`` the run does not have.
+
+    ``auto`` matches whatever the run planned from it; keys set by ``--set`` are left out
+    (they change the resumed run's config, as without ``--config``).
+    """
+    mine, theirs = _flatten(requested.to_dict()), _flatten(run.to_dict())
+    differences = []
+    for key, value in mine.items():
+        if value == AUTO or any(key == o or key.startswith(o + ".") for o in overridden):
+            continue
+        if value != theirs.get(key):
+            differences.append(f"{key}: {value!r} here, {theirs.get(key)!r} in the run")
+    return differences
+
+
+def _refuse_another_config(man: Manifest, config_path: Path, overrides: list[str], run_cfg: Config,
+                           out_dir: Path) -> None:
+    """Refuse a ``--config`` given on resume that asks for other values than the run's, naming them."""
+    requested, source = _load_run_config(man, config_path, [])
+    differences = _config_differences(requested, run_cfg, [o.split("=", 1)[0].strip() for o in overrides])
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise UserError(f"{source}: differs from the config of the run in {out_dir}: {shown}; resume with the "
+                        f"run's config (or without --config), change a value with --set KEY=VALUE, or start a new "
+                        f"run in another --out")
+
+
 def _cases_from_split(man: Manifest, split: dict[str, Any], source: Path) -> tuple[list[Case], list[Case]]:
     by_name = {c.name: c for c in [*man.training, *(man.validation or [])]}
     missing = [n for n in [*split["training"], *split["validation"]] if n not in by_name]
@@ -84,16 +117,52 @@ def _cases_from_split(man: Manifest, split: dict[str, Any], source: Path) -> tup
     return [by_name[n] for n in split["training"]], [by_name[n] for n in split["validation"]]
 
 
-def _check_cases(man: Manifest, cases: list[Case]) -> None:
-    """Refuse cases that fail ``unetpp3d check``, listing the problems, before any training."""
-    problems = []
-    for case in cases:
-        # Warnings (an all-background label, say) are reported by `unetpp3d check` but do not stop training.
-        problems += [f"{case.name}: {p.message}" for p in validate_case(case, man.labels) if p.severity == "error"]
+def _refuse_problems(man: Manifest, problems: list[str]) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise UserError(f"{man.path}: {len(problems)} problem(s) in the training data: {shown}; "
                         f"run `unetpp3d check --manifest {man.path}` for the full report")
+
+
+def _check_cases(man: Manifest, cases: list[Case]) -> dict[str, Any]:
+    """Refuse cases that fail ``unetpp3d check``, listing the problems, before any training.
+
+    Returns:
+        The fingerprint of the cases, from the same read.
+    """
+    results = [inspect_case(case, man.labels) for case in cases]
+    # Warnings (an all-background label, say) are reported by `unetpp3d check` but do not stop training.
+    _refuse_problems(man, [f"{case.name}: {p.message}" for case, r in zip(cases, results)
+                           for p in r.problems if p.severity == "error"])
+    return fingerprint_of(results, man.labels)
+
+
+def _checked_fingerprint(man: Manifest, cases: list[Case], path: Path | None, notes: list[str]) -> dict[str, Any]:
+    """The fingerprint of ``cases``: ``unetpp3d check``'s when it matches their files, else computed now.
+
+    ``check`` writes a fingerprint only when every case passed, so one that matches the files
+    also vouches for the cases, and nothing is read here.
+    """
+    found = path if path is not None else default_fingerprint_path(man.path)
+    if path is not None and not path.is_file():
+        raise UserError(f"--fingerprint {path}: no such file; write it with `unetpp3d check --manifest {man.path} "
+                        f"--fingerprint {path}`, or leave --fingerprint out")
+    why = None
+    if found.is_file():
+        try:
+            fp = read_fingerprint(found)
+            why = fingerprint_mismatch(fp, cases, man.labels)
+        except UserError as exc:
+            why = str(exc)
+        if why is None:
+            notes.append(f"fingerprint: reusing {found} (its {len(cases)} cases are unchanged since "
+                         f"`unetpp3d check`)")
+            return fp
+        notes.append(f"fingerprint: not reusing {found} ({why}); checked and fingerprinted every case")
+    else:
+        notes.append(f"fingerprint: none at {found}; checked and fingerprinted every case (`unetpp3d check` "
+                     f"writes one that training reuses)")
+    return _check_cases(man, cases)
 
 
 def _check_network(cfg: Config, prep: Preprocessing, model_args: dict[str, Any], source: str) -> None:
@@ -124,13 +193,13 @@ def _plan_run(man: Manifest, config_path: Path | None, out_dir: Path | None, res
     if resume:
         if out_dir is None:
             raise UserError("--resume needs --out RUN_DIR, the folder of the run to continue")
-        if config_path is not None:
-            raise UserError("--resume continues with the run's own config; drop --config (use --set to change a "
-                            "value such as train.epochs)")
         last = Path(out_dir) / "last.pt"
         if not last.is_file():
             raise UserError(f"{last}: nothing to resume (no last.pt); start a new run without --resume")
         payload = load_checkpoint(last)
+        if config_path is not None:  # the first run's command line again: fine if it asks for the same config
+            _refuse_another_config(man, config_path, overrides, config_from_dict(payload["config"], str(last)),
+                                   out_dir)
         cfg = config_from_dict(payload["config"], str(last), overrides)
         prep = Preprocessing.from_dict(payload["preprocessing"])
         if {int(k): v for k, v in prep.labels.items()} != man.labels:
@@ -152,13 +221,14 @@ def _plan_run(man: Manifest, config_path: Path | None, out_dir: Path | None, res
     return _Plan(cfg, None, train_cases, val_cases, split, source)
 
 
-def _resolve(plan_: _Plan, man: Manifest) -> None:
+def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None:
     """Check every case, fingerprint them and resolve the config's ``auto`` values (new runs)."""
     cases = [*plan_.train_cases, *plan_.val_cases]
-    _check_cases(man, cases)
-    if plan_.resume_payload is None:
+    if plan_.resume_payload is not None:
+        _check_cases(man, cases)
+    else:
         # All labelled cases, as nnU-Net does, so that every fold gets the same preprocessing.
-        fp = fingerprint(cases, man.labels)
+        fp = _checked_fingerprint(man, cases, fingerprint_path, plan_.notes)
         try:
             plan_.cfg, plan_.prep = plan(plan_.cfg, fp, man.labels, echo=plan_.notes.append)
         except UserError as exc:  # name the config the bad values came from
@@ -197,7 +267,7 @@ def _claim_folder(folder: Path, resume: bool, force: bool) -> None:
                 target.unlink()
 
 
-def _on_rank0(dist: Dist, fn: Any, *args: Any) -> None:
+def _on_rank0(dist: Dist, fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn`` on rank 0 only; a UserError there is raised on every rank, so all stop together."""
     error = None
     if dist.is_main:
@@ -210,78 +280,33 @@ def _on_rank0(dist: Dist, fn: Any, *args: Any) -> None:
         raise UserError(error)
 
 
-def _configure_determinism(cfg: Config, device: torch.device) -> None:
-    set_determinism(seed=cfg.train.seed)
-    if device.type == "cuda":
-        # MONAI's set_determinism also turns cuDNN autotuning off; keep it unless asked not to.
-        torch.backends.cudnn.deterministic = cfg.train.deterministic
-        torch.backends.cudnn.benchmark = not cfg.train.deterministic
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _build_trainer(p: _Plan, folder: Path, dist: Dist, device: torch.device, amp: torch.dtype | None) -> Trainer:
-    cfg, prep, payload = p.cfg, p.prep, p.resume_payload
-    _configure_determinism(cfg, device)
+def _build_trainer(p: _Plan, folder: Path, dist: Dist, device: torch.device) -> Trainer:
+    cfg, prep = p.cfg, p.prep
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
-    net = UNetPlusPlus3D(**_model_args(cfg, prep)).to(device)
+    net = UNetPlusPlus3D(**_model_args(cfg, prep))
     net.checkpointing = cfg.train.checkpointing
-    if payload is not None:
-        net.load_state_dict(payload["state_dict"])
-    model: torch.nn.Module = net
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    optimizer = make_optimizer(net.parameters(), cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    start_epoch, best = 0, -1.0
-    if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        # The same value LambdaLR would set; differs from the saved one only when --epochs changed
-        # on resume, and then the remaining epochs follow the new schedule.
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * lr_factor(scheduler.last_epoch, cfg.train)
-        if payload["scaler"]:
-            scaler.load_state_dict(payload["scaler"])
-        set_rng_state(payload["rng"])
-        start_epoch, best = int(payload["epoch"]), float(payload["best_metric"])
-    pin = device.type == "cuda"
-    train_loader = make_train_loader(p.train_cases, prep, cfg.data, int(cfg.data.batch_size),
-                                     cfg.train.iterations_per_epoch, seed=cfg.train.seed, rank=dist.rank,
-                                     world_size=dist.world_size, pin_memory=pin)
-    val_loader = (make_val_loader(p.val_cases, prep, cfg.data, dist.rank, dist.world_size, pin)
-                  if p.val_cases else [])
-    names = [prep.labels[k] for k in sorted(prep.labels, key=int) if int(k) != 0]
-    log = RunLog(folder, names, first_epoch=start_epoch, active=dist.is_main)
     loss_fn = DeepSupervisionLoss(prep.num_classes, cfg.train.head_weights, kind=cfg.train.loss)
-    return Trainer(cfg=cfg, prep=prep, net=net, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                   scheduler=scheduler, scaler=scaler, train_loader=train_loader, val_loader=val_loader,
-                   device=device, folder=folder, split=p.split, log=log, dist=dist, amp=amp,
-                   start_epoch=start_epoch, best_metric=best)
+    return build_trainer(cfg, prep, net, loss_fn, p.train_cases, p.val_cases, folder, device, dist=dist,
+                         split=p.split, resume=p.resume_payload)
 
 
 def run_training(manifest: str | Path, config_path: str | Path | None = None, out_dir: str | Path | None = None,
                  resume: bool = False, force: bool = False, device: str | None = None, fold: int | None = None,
-                 overrides: list[str] | None = None) -> Path:
+                 overrides: list[str] | None = None, fingerprint_path: str | Path | None = None) -> Path:
     """Train a 3D UNet++ on a manifest's cases; the command ``unetpp3d train``.
 
     Everything a user can get wrong raises a :class:`UserError` before the run folder is
     written: the manifest, unknown or invalid config keys, cases that fail ``unetpp3d check``
-    (including label values the manifest does not declare), an empty training set, and a patch
-    size the network cannot take.
+    (including label values the manifest does not declare), an empty training set, a patch
+    size the network cannot take, and on resume a config that differs from the run's.
 
     Args:
         manifest: the dataset manifest (JSON).
-        config_path: YAML config; default ``configs/<task>.yaml`` for the manifest's task when it
-            exists, else the built-in defaults. Not allowed with ``resume`` (the run's own config
-            is used).
+        config_path: YAML config; default the config shipped for the manifest's task
+            (``unetpp3d/resources/configs/<task>.yaml``) when there is one, else the built-in
+            defaults. With ``resume`` it may be given again, as on the first run's command
+            line: it must then ask for the run's values (``auto`` matches what was planned;
+            ``overrides`` may change values as always).
         out_dir: run folder; default ``runs/<manifest>-<date>-<time>``.
         resume: continue the run in ``out_dir`` from its ``last.pt``.
         force: overwrite the run files in an existing ``out_dir``.
@@ -289,6 +314,10 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
             torchrun each process takes ``cuda:LOCAL_RANK``.
         fold: cross-validation fold (0-based) when the manifest has no validation list.
         overrides: ``KEY=VALUE`` config overrides, e.g. ``["train.epochs=10"]``.
+        fingerprint_path: the fingerprint ``unetpp3d check`` wrote; default
+            ``./<manifest stem>.fingerprint.json`` when it exists. Reused when it matches the
+            cases' files (names, sizes, modification times), else every case is read again;
+            train.log says which and why.
 
     Returns:
         The run folder, holding ``last.pt``, ``best.pt``, ``config.yaml``, ``split.json``,
@@ -310,11 +339,12 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
                       resume, fold, overrides)
         folder = Path(out_dir) if out_dir else Path(dist.broadcast(str(_default_run_dir(Path(manifest)))))
         _on_rank0(dist, _check_folder, folder, resume, force)
-        _resolve(p, man)
-        amp = autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
+        _resolve(p, man, Path(fingerprint_path) if fingerprint_path is not None else None)
+        # Refuse a precision the device lacks before the run folder exists.
+        autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
 
         _on_rank0(dist, _claim_folder, folder, resume, force)
-        trainer = _build_trainer(p, folder, dist, dev, amp)
+        trainer = _build_trainer(p, folder, dist, dev)
         if dist.is_main:
             atomic_write_text(folder / "config.yaml", p.cfg.to_yaml())
             atomic_write_text(folder / "split.json", _json(p.split))

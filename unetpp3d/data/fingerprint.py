@@ -1,11 +1,20 @@
-"""The dataset fingerprint: spacings, sizes, intensities and label volumes, as nnU-Net collects them."""
+"""The dataset fingerprint: spacings, sizes, intensities and label volumes, as nnU-Net collects them.
+
+Each case's record also keeps the path, size and modification time of its files
+(:func:`case_files`), so that ``unetpp3d train`` can reuse the fingerprint ``unetpp3d check``
+wrote instead of reading every case again, and can tell when the files have changed since
+(:func:`fingerprint_mismatch`).
+"""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from unetpp3d.errors import UserError
@@ -65,8 +74,6 @@ def case_fingerprint(name: str, image: np.ndarray, geometry: Geometry, label: np
         label volumes in mL) and up to :data:`SAMPLES_PER_CASE` intensities sampled from the
         foreground (all voxels when there is no label).
     """
-    import nibabel as nib
-
     ras = geometry.to_ras()
     entry: dict[str, Any] = {
         "name": name,
@@ -110,6 +117,10 @@ def combine_fingerprints(entries: Sequence[dict[str, Any]], samples: Sequence[np
     if not entries:
         raise UserError("fingerprint: no cases to fingerprint")
     foreground = list(foreground) if foreground is not None else [True] * len(entries)
+    # By case name: the same cases give the same fingerprint, bit for bit, in any order (the
+    # intensity means sum the samples in order).
+    order = sorted(range(len(entries)), key=lambda i: str(entries[i]["name"]))
+    entries, samples, foreground = ([seq[i] for i in order] for seq in (entries, samples, foreground))
     spacing = np.array([e["spacing"] for e in entries], dtype=float)
     size = np.array([e["size"] for e in entries], dtype=float)
     fp: dict[str, Any] = {
@@ -177,6 +188,7 @@ def fingerprint(cases: Iterable[Any], labels: dict[int, str], series_uid: str | 
     """
     entries, samples, is_fg = [], [], []
     for case in cases:
+        files = case_files(case)  # before reading: a file changed meanwhile makes the record stale
         image, geom = read_image(case.image, series_uid=series_uid)
         label = None
         if case.label is not None:
@@ -184,7 +196,98 @@ def fingerprint(cases: Iterable[Any], labels: dict[int, str], series_uid: str | 
             check_pair(geom, lgeom, case.image, case.label)
             label = align_label_to_image(label, lgeom, geom)
         entry, s = case_fingerprint(case.name, image, geom, label, labels, seed)
+        entry["files"] = files
         entries.append(entry)
         samples.append(s)
         is_fg.append(label is not None)
     return combine_fingerprints(entries, samples, labels, is_fg)
+
+
+def file_stamp(path: str | Path) -> dict[str, Any]:
+    """The resolved path, size and modification time of a file, or of the files under a folder.
+
+    A folder (a DICOM series) gives its file count, total size and newest modification time, so
+    that adding, removing or rewriting a slice changes the stamp.
+
+    Raises:
+        OSError: the path cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+        return {"path": str(path.resolve()), "files": len(stats), "size": sum(s.st_size for s in stats),
+                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def case_files(case: Any) -> dict[str, Any]:
+    """:func:`file_stamp` of a case's image and, when it has one, its label."""
+    files = {"image": file_stamp(case.image)}
+    if case.label is not None:
+        files["label"] = file_stamp(case.label)
+    return files
+
+
+def read_fingerprint(path: str | Path) -> dict[str, Any]:
+    """A fingerprint JSON as ``unetpp3d check`` writes it.
+
+    Raises:
+        UserError: the file is missing or is not a fingerprint.
+    """
+    path = Path(path)
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such fingerprint file; write one with `unetpp3d check`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable fingerprint ({exc}); write it again with `unetpp3d check`") from None
+    if not isinstance(fp, dict) or not isinstance(fp.get("cases"), list):
+        raise UserError(f"{path}: not a fingerprint (no 'cases' list); write it again with `unetpp3d check`")
+    return fp
+
+
+def fingerprint_mismatch(fp: dict[str, Any], cases: Sequence[Any], labels: dict[int, str],
+                         seed: int = 0) -> str | None:
+    """Why ``fp`` is not what :func:`fingerprint` would compute for ``cases`` now, or None when it is.
+
+    It is when it has the current version, the same labels and sampling seed, no DICOM series
+    choice, and exactly these cases with files of the same path, size and modification time.
+
+    Args:
+        fp: a fingerprint (from :func:`read_fingerprint`).
+        cases: the cases to be fingerprinted.
+        labels: the manifest's class number -> name.
+        seed: the sampling seed the caller would use.
+
+    Returns:
+        A reason for a log line ("case003's image ... changed"), or None.
+    """
+    if fp.get("version") != FINGERPRINT_VERSION:
+        return f"it has version {fp.get('version')}, not {FINGERPRINT_VERSION}"
+    wanted = {str(k): v for k, v in labels.items()}
+    if fp.get("labels") != wanted:
+        return f"its labels {fp.get('labels')} differ from the manifest's {wanted}"
+    if fp.get("seed", 0) != seed:
+        return f"its intensities were sampled with seed {fp.get('seed')}, not {seed}"
+    if fp.get("series_uid") is not None:
+        return f"it was computed for DICOM series {fp['series_uid']} (--series-uid)"
+    stored = {str(c.get("name")): c for c in fp["cases"] if isinstance(c, dict)}
+    names = {c.name for c in cases}
+    for what, diff in (("lacks", sorted(names - set(stored))), ("has other", sorted(set(stored) - names))):
+        if diff:
+            return f"it {what} case(s) {', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}"
+    for case in cases:
+        files = stored[case.name].get("files")
+        if not isinstance(files, dict):
+            return f"it records no file sizes and times for {case.name} (written by an older unetpp3d check)"
+        try:
+            now = case_files(case)
+        except OSError as exc:
+            return f"{case.name}: {exc}"
+        for role in sorted(set(now) | set(files)):
+            current, recorded = now.get(role), files.get(role)
+            if current != recorded:
+                path = (current or recorded or {}).get("path", "?")
+                return f"{case.name}'s {role} {path} has changed since (path, size or modification time)"
+    return None

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d.data.fingerprint import case_fingerprint, label_histogram
+from unetpp3d.data.fingerprint import case_files, case_fingerprint, combine_fingerprints, label_histogram
 from unetpp3d.data.manifest import Case
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import align_label_to_image, check_pair
@@ -36,16 +36,41 @@ class Problem:
 
 
 @dataclass
-class _CaseResult:
+class CaseResult:
+    """What reading one case found: its problems and, when it has no error, its fingerprint record.
+
+    Attributes:
+        problems: errors and warnings.
+        entry: the case's fingerprint record (:func:`~unetpp3d.data.fingerprint.case_fingerprint`)
+            with its files' stamps under ``"files"``; None after an error.
+        samples: the intensities sampled for the fingerprint.
+        labelled: whether the samples come from a label's foreground.
+    """
+
     problems: list[Problem]
     entry: dict[str, Any] | None = None
     samples: np.ndarray | None = None
     labelled: bool = False
 
 
-def _inspect(case: Case, labels: dict[int, str], series_uid: str | None, seed: int = 0) -> _CaseResult:
+def inspect_case(case: Case, labels: dict[int, str], series_uid: str | None = None, seed: int = 0) -> CaseResult:
+    """Read one case once: every problem of :func:`validate_case` and, if none is an error, its fingerprint.
+
+    Args:
+        case: the case.
+        labels: the manifest's class number -> name.
+        series_uid: SeriesInstanceUID for DICOM folders holding several series.
+        seed: intensity-sampling seed.
+
+    Returns:
+        The problems, and the fingerprint record when the case has no error.
+    """
     problems: list[Problem] = []
     image = label = None
+    try:
+        files = case_files(case)  # before reading: a file changed meanwhile makes the record stale
+    except OSError:
+        files = None  # reading reports what is wrong with the file
     try:
         image, geom = read_image(case.image, series_uid=series_uid)
     except UserError as exc:
@@ -73,9 +98,11 @@ def _inspect(case: Case, labels: dict[int, str], series_uid: str | None, seed: i
                 problems.append(Problem(case.name, case.label, f"{case.label}: the label map is all background",
                                         severity="warning"))
     if any(p.severity == "error" for p in problems) or image is None:
-        return _CaseResult(problems)
+        return CaseResult(problems)
     entry, samples = case_fingerprint(case.name, image, geom, label, labels, seed)
-    return _CaseResult(problems, entry, samples, labelled=label is not None)
+    if files is not None:
+        entry["files"] = files
+    return CaseResult(problems, entry, samples, labelled=label is not None)
 
 
 def validate_case(case: Case, labels: dict[int, str], series_uid: str | None = None) -> list[Problem]:
@@ -96,10 +123,18 @@ def validate_case(case: Case, labels: dict[int, str], series_uid: str | None = N
     Returns:
         The problems found, errors and warnings; empty when the case is fine.
     """
-    return _inspect(case, labels, series_uid).problems
+    return inspect_case(case, labels, series_uid).problems
 
 
-def default_fingerprint_path(manifest_path: str | Path) -> Path:
-    """``data/dataset.json`` -> ``data/dataset.fingerprint.json``."""
-    manifest_path = Path(manifest_path)
-    return manifest_path.with_name(f"{manifest_path.stem}.fingerprint.json")
+def fingerprint_of(results: list[CaseResult], labels: dict[int, str]) -> dict[str, Any]:
+    """The dataset fingerprint from :func:`inspect_case` results without errors (no second read)."""
+    return combine_fingerprints([r.entry for r in results], [r.samples for r in results], labels,
+                                [r.labelled for r in results])
+
+
+def default_fingerprint_path(manifest_path: str | Path, folder: str | Path | None = None) -> Path:
+    """``data/dataset.json`` -> ``FOLDER/dataset.fingerprint.json``, FOLDER the current folder by default.
+
+    Never beside the manifest by default: the data folder may be read-only or shared.
+    """
+    return Path(folder if folder is not None else Path.cwd()) / f"{Path(manifest_path).stem}.fingerprint.json"

@@ -1,12 +1,17 @@
-"""Random-generator states as plain types and tensors, so checkpoints load with ``weights_only``."""
+"""Seeds, determinism flags, and random-generator states as plain types and tensors (checkpoints load
+with ``weights_only``)."""
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import set_determinism
+
+from unetpp3d.config import TrainConfig
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,3 +44,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def configure_determinism(tc: TrainConfig, device: torch.device) -> None:
+    """Seed every generator from ``tc.seed`` and set cuDNN's flags for ``tc.deterministic``."""
+    set_determinism(seed=tc.seed)
+    if device.type == "cuda":
+        # MONAI's set_determinism also turns cuDNN autotuning off; keep it unless asked not to.
+        torch.backends.cudnn.deterministic = tc.deterministic
+        torch.backends.cudnn.benchmark = not tc.deterministic
+        if tc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from unetpp3d.atomic import atomic_write_text
@@ -37,8 +38,6 @@ class RunLog:
         if not active:
             return
         self._truncate_csv(first_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
         self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=first_epoch + 1 if first_epoch else None)
 
     def _truncate_csv(self, first_epoch: int) -> None:

@@ -1,12 +1,16 @@
-"""Training: assemble a run from a manifest and a config, then run a short loop of hooks.
+"""The training loop as a short sequence of hooks, for any segmentation network and loss.
 
-:func:`run_training` does everything that can fail because of the user first — manifest,
-config, case checks, planning, patch size against the network — and only then creates the run
-folder and hands a :class:`Trainer` its parts. The trainer is the loop of nnU-Net v2's trainer
-(Isensee et al., Nature Methods 2021) cut to its hooks::
+The loop is nnU-Net v2's trainer (Isensee et al., Nature Methods 2021) cut to its hooks::
 
     on_train_start -> for each epoch: train_step x iterations, validate (every val_every),
     on_epoch_end -> on_train_end
+
+:func:`build_trainer` gives a :class:`Trainer` its optimiser, schedule, precision, loaders and
+run log from a config, for any ``nn.Module`` that returns logits (or a list of deep-supervision
+logits) in training and one logits tensor in eval mode, and any loss callable. ``unetpp3d
+train`` (:mod:`unetpp3d.commands.train`) builds one for a UNet++ after checking everything a
+user can get wrong; ``bench/paper_table.py`` builds one for each of its baselines, so that
+every model is trained by the same loop, precision and schedule.
 
 Reproducible resume: every random draw of an epoch is reseeded from ``(seed, epoch, rank)``
 when the epoch starts (see :mod:`unetpp3d.data.loader`), and ``last.pt`` is written at the start and
@@ -26,31 +30,38 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.networks.utils import one_hot
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unetpp3d.config import Config, Preprocessing
-from unetpp3d.data.loader import derive_seed
+from unetpp3d.data.loader import derive_seed, make_train_loader, make_val_loader
+from unetpp3d.data.manifest import Case
 from unetpp3d.data.transforms import pad_value
+from unetpp3d.hardware import autocast_dtype
 from unetpp3d.evaluation.metrics import dice_per_class
 from unetpp3d.model.checkpoint import save_checkpoint
-from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.training.distributed import Dist
-from unetpp3d.training.loss import DeepSupervisionLoss
-from unetpp3d.training.rng import rng_state, seed_everything
+from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
+from unetpp3d.training.rng import configure_determinism, rng_state, seed_everything, set_rng_state
 from unetpp3d.training.runlog import RunLog
+
+Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+LossFn = Callable[[Outputs, torch.Tensor], torch.Tensor]  # (logits or list of head logits, label map) -> loss
 
 
 @dataclass
 class Trainer:
-    """The training loop as hooks; :func:`run_training` builds one from a manifest and a config.
+    """The training loop as hooks; :func:`build_trainer` assembles one from a config.
 
     Subclass and override a hook to change one step (e.g. ``train_step`` for another loss
     signature) without touching the rest.
@@ -58,9 +69,9 @@ class Trainer:
 
     cfg: Config
     prep: Preprocessing
-    net: UNetPlusPlus3D  # the bare network: saved, validated
-    model: torch.nn.Module  # what training calls: the network, maybe wrapped in DDP and compiled
-    loss_fn: DeepSupervisionLoss
+    net: nn.Module  # the bare network: saved, validated
+    model: nn.Module  # what training calls: the network, maybe wrapped in DDP and compiled
+    loss_fn: LossFn
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -75,6 +86,7 @@ class Trainer:
     start_epoch: int = 0
     best_metric: float = -1.0
     stop_signal: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # each finished epoch's row, on every rank
     _saved_epoch: int = 0  # the epoch last.pt holds
     _owner_pid: int = 0
     _completed: bool = False
@@ -153,10 +165,11 @@ class Trainer:
         improved = val is not None and not math.isnan(val["val_dice"]) and val["val_dice"] > self.best_metric
         if improved:
             self.best_metric = val["val_dice"]
-        if not self.dist.is_main:
-            return
         row = {"epoch": done, "train_loss": train_loss, "lr": lr, "seconds": seconds, "val_dice": math.nan,
                **{c: math.nan for c in self.log.class_columns}, **(val or {})}
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
         # The row goes down before last.pt: a kill in between makes resume redo this epoch and
         # replace the row, never leave an epoch without one.
         self.log.epoch(row, validated=val is not None)
@@ -257,7 +270,9 @@ class Trainer:
     def payload(self, epoch: int) -> dict[str, Any]:
         """The checkpoint (docs/architecture.md): enough to rebuild the model and to resume."""
         return {
-            "model_args": self.net.model_args,
+            # Networks other than UNetPlusPlus3D (a benchmark's baselines) have no model_args and
+            # are not rebuilt from the checkpoint.
+            "model_args": getattr(self.net, "model_args", None),
             "state_dict": self.net.state_dict(),
             "preprocessing": self.prep.to_dict(),
             "config": self.cfg.to_dict(),
@@ -274,3 +289,74 @@ class Trainer:
 def _plain(x: torch.Tensor) -> torch.Tensor:
     """A MetaTensor's data as a plain tensor: the network needs no metadata, and is faster without."""
     return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def build_trainer(cfg: Config, prep: Preprocessing, net: nn.Module, loss_fn: LossFn, train_cases: Sequence[Case],
+                  val_cases: Sequence[Case], folder: str | Path, device: torch.device, *, dist: Dist | None = None,
+                  split: dict[str, Any] | None = None, resume: dict[str, Any] | None = None) -> Trainer:
+    """A :class:`Trainer` for ``net`` with the optimiser, schedule, precision and loaders of ``cfg``.
+
+    Args:
+        cfg: the resolved config (no ``auto`` left in ``data.batch_size``).
+        prep: the preprocessing the loaders apply (:func:`unetpp3d.data.planning.plan`).
+        net: any segmentation network: logits ``(B, C, *spatial)`` or a list of them (deep
+            supervision) in training mode, one logits tensor in eval mode. Moved to ``device``.
+            Seed before building it (:func:`~unetpp3d.training.rng.seed_everything`) for
+            reproducible initial weights.
+        loss_fn: ``loss_fn(outputs, label_map) -> scalar``, e.g.
+            :class:`~unetpp3d.training.loss.DeepSupervisionLoss`.
+        train_cases: labelled cases to draw patches from.
+        val_cases: labelled cases validated whole every ``train.val_every`` epochs; may be empty.
+        folder: the run folder (checkpoints, metrics.csv, train.log, TensorBoard).
+        device: where to train.
+        dist: this process's place in a ``torchrun`` run; default one process.
+        split: recorded in checkpoints; default the case names, no fold.
+        resume: a ``last.pt`` payload to continue from (weights, optimiser, schedule, RNG, epoch).
+
+    Returns:
+        The trainer; :meth:`Trainer.fit` runs it.
+
+    Raises:
+        UserError: ``train.amp`` asks for a precision the device lacks.
+    """
+    dist = dist or Dist()
+    folder = Path(folder)
+    amp = autocast_dtype(cfg.train.amp, device, name="train.amp")
+    configure_determinism(cfg.train, device)
+    net = net.to(device)
+    if resume is not None:
+        net.load_state_dict(resume["state_dict"])
+    model = net
+    if dist.enabled:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer(net.parameters(), cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    start_epoch, best = 0, -1.0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        # The same value LambdaLR would set; differs from the saved one only when --epochs changed
+        # on resume, and then the remaining epochs follow the new schedule.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(scheduler.last_epoch, cfg.train)
+        if resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        start_epoch, best = int(resume["epoch"]), float(resume["best_metric"])
+    pin = device.type == "cuda"
+    train_loader = make_train_loader(list(train_cases), prep, cfg.data, int(cfg.data.batch_size),
+                                     cfg.train.iterations_per_epoch, seed=cfg.train.seed, rank=dist.rank,
+                                     world_size=dist.world_size, pin_memory=pin)
+    val_loader = (make_val_loader(list(val_cases), prep, cfg.data, dist.rank, dist.world_size, pin)
+                  if val_cases else [])
+    names = [prep.labels[k] for k in sorted(prep.labels, key=int) if int(k) != 0]
+    log = RunLog(folder, names, first_epoch=start_epoch, active=dist.is_main)
+    if split is None:
+        split = {"fold": None, "training": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
+    return Trainer(cfg=cfg, prep=prep, net=net, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                   scheduler=scheduler, scaler=scaler, train_loader=train_loader, val_loader=val_loader,
+                   device=device, folder=folder, split=split, log=log, dist=dist, amp=amp,
+                   start_epoch=start_epoch, best_metric=best)
