@@ -21,6 +21,8 @@ import SimpleITK as sitk
 import torch
 from conftest import ONE_THREAD
 from monai.data import Dataset
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
 from monai.transforms import Compose, RandSpatialCropSamplesd
 
 import unetpp3d.commands.train as train_command
@@ -28,12 +30,15 @@ from unetpp3d import UserError, load_model
 from unetpp3d.commands.check import run_check
 from unetpp3d.commands.train import _load_run_config, run_training
 from unetpp3d.config import TrainConfig, load_config
+from unetpp3d.data.fingerprint import fingerprint
 from unetpp3d.data.loader import EpochSampler, TrainLoader
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
 from unetpp3d.data.validation import inspect_case
 from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
+from unetpp3d.data.planning import plan
 from unetpp3d.synth.phantom import write_dataset
 from unetpp3d.training.optim import lr_factor
+from unetpp3d.training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -346,6 +351,34 @@ def test_cli_prints_user_errors_on_one_line(phantoms, tmp_path, capsys):
 
 
 # ---- pieces ------------------------------------------------------------------------------------
+
+
+def test_the_trainer_trains_any_network_with_any_loss(phantoms, tmp_path):
+    """A MONAI BasicUNet and a plain loss function through the same loop, schedule and run files."""
+    man = load_manifest(phantoms)
+    cfg = load_config(SMOKE, TINY + ["train.epochs=2", "train.iterations_per_epoch=1", "train.val_every=2"])
+    cfg, prep = plan(cfg, fingerprint(man.training, man.labels), man.labels, echo=None)
+    torch.manual_seed(0)
+    net = BasicUNet(3, 1, prep.num_classes, features=(4, 4, 8, 8, 8, 4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    calls: list[tuple[int, ...]] = []
+
+    def loss_fn(logits, label):
+        calls.append(tuple(logits.shape))
+        return dice_ce(logits, label)
+
+    trainer = build_trainer(cfg, prep, net, loss_fn, man.training[:-1], man.training[-1:], tmp_path / "run",
+                            torch.device("cpu"))
+    assert trainer.fit() is None
+    assert calls == [(2, prep.num_classes, 32, 32, 32)] * 2
+    assert [row["epoch"] for row in trainer.history] == [1, 2]
+    assert [row["lr"] for row in trainer.history] == pytest.approx([0.01, 0.01 * 0.5**0.9])  # poly, per epoch
+    assert 0.0 <= trainer.history[-1]["val_dice"] <= 1.0  # validated after the last epoch
+    assert any(not torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 2 and last["model_args"] is None  # not a UNet++: not rebuilt from the file
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
 def test_schedules():
