@@ -16,7 +16,7 @@ from monai.data.image_reader import NibabelReader
 from monai.transforms import Invertd, RandomizableTrait
 
 from unetpp3d import UserError
-from unetpp3d.config import AugmentConfig, Config, DataConfig, Preprocessing, load_config
+from unetpp3d.config import AugmentConfig, Config, DataConfig, Preprocessing, load_config, task_config_path
 from unetpp3d.imageio.readers import read_image
 from unetpp3d.synth.phantom import write_dataset
 from unetpp3d.data.transforms import TRAIN_RANDOM_START, BodyMask, RandRotateScaled, eval_transforms, inference_transforms, make_dataset, split_for_cache, train_transforms
@@ -258,7 +258,7 @@ def _keys_of(data: dict) -> dict:
 
 @pytest.mark.parametrize("task", ["liver", "lung_nodule"])
 def test_shipped_configs_are_complete_and_valid(task, liver_cases):
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{task}.yaml"
+    path = task_config_path(task)
     cfg = load_config(path)
     assert cfg.task == task
     # Every key of every section is spelled out, so the file documents all the choices.
