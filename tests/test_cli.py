@@ -54,10 +54,10 @@ def test_a_bad_choice_is_refused_before_anything_runs(tmp_path):
 
 
 def test_device_gpu_means_cuda_and_a_bad_device_is_refused_before_training(tmp_path, monkeypatch):
-    import unetpp3d.commands.train as train_module
+    import unetpp3d.commands.cli as cli_module
 
     seen = []
-    monkeypatch.setattr(train_module, "run_training", lambda **kwargs: seen.append(kwargs["device"]))
+    monkeypatch.setattr(cli_module, "run_training", lambda **kwargs: seen.append(kwargs["device"]))
     runner = CliRunner()
     for given, passed in (("GPU", "cuda"), ("gpu:1", "cuda:1"), ("cuda:0", "cuda:0"), ("cpu", "cpu")):
         result = runner.invoke(app, ["train", "--manifest", str(tmp_path / "m.json"), "--device", given], env=WIDE)
