@@ -35,7 +35,7 @@ from unetpp3d.data.loader import EpochSampler, TrainLoader
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
 from unetpp3d.data.validation import inspect_case
 from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
-from unetpp3d.data.planning import plan
+from unetpp3d.model.planning import plan
 from unetpp3d.synth.phantom import write_dataset
 from unetpp3d.training.optim import lr_factor
 from unetpp3d.training.trainer import build_trainer

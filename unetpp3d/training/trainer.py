@@ -298,7 +298,7 @@ def build_trainer(cfg: Config, prep: Preprocessing, net: nn.Module, loss_fn: Los
 
     Args:
         cfg: the resolved config (no ``auto`` left in ``data.batch_size``).
-        prep: the preprocessing the loaders apply (:func:`unetpp3d.data.planning.plan`).
+        prep: the preprocessing the loaders apply (:func:`unetpp3d.model.planning.plan`).
         net: any segmentation network: logits ``(B, C, *spatial)`` or a list of them (deep
             supervision) in training mode, one logits tensor in eval mode. Moved to ``device``.
             Seed before building it (:func:`~unetpp3d.training.rng.seed_everything`) for
