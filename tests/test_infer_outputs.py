@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from test_predictor import ThresholdNet, make_prep, save_checkpoint, sphere_scan, write_image
 from typer.testing import CliRunner
 
+import unetpp3d
 import unetpp3d.commands.infer as infer_module
 from unetpp3d.commands.cli import app, main
 from unetpp3d.commands.evaluate import run_evaluation
@@ -288,7 +289,8 @@ def test_infer_writes_dicom_seg_from_a_dicom_series(shared_data, ckpt, tmp_path)
     assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["CT5N_series.dcm", "CT5N_series.statistics.json",
                                                                    "statistics.csv"]
     mask, grid = read_image(tmp_path / "nifti" / "CT5N_series.nii.gz", is_label=True)
-    assert_seg_matches(tmp_path / "seg" / "CT5N_series.dcm", mask, grid, source)
+    seg = assert_seg_matches(tmp_path / "seg" / "CT5N_series.dcm", mask, grid, source)
+    assert seg.SoftwareVersions == unetpp3d.__version__ and seg.ContentQualification == "RESEARCH"
     # one input, one file: .dcm, not .nii.gz
     with pytest.raises(UserError, match=r"written as \.dcm"):
         run_inference([source], tmp_path / "one.nii.gz", model=ckpt, output_type="dicom-seg")

@@ -167,7 +167,7 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
         # The mask goes last: an existing mask means the case finished (what --skip-existing checks).
         if output_type == "dicom-seg":
             write_dicom_seg(result.mask_xyz, result.geometry, case.path, targets.mask, labels,
-                            task=predictor.prep.task, series_uid=predictor.series_uid)
+                            task=predictor.prep.task, series_uid=predictor.series_uid, version=__version__)
         else:
             write_mask(result.mask_xyz, result.geometry, targets.mask)
     except BaseException:

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d import __version__
 from unetpp3d.atomic import atomic_path
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
@@ -137,11 +136,11 @@ def _frames(mask_xyz: np.ndarray, geometry: Geometry, datasets: Sequence[Any], s
     return np.stack(frames)
 
 
-def _segment_descriptions(labels: Mapping[int, str], task: str) -> list[Any]:
+def _segment_descriptions(labels: Mapping[int, str], task: str, version: str) -> list[Any]:
     import highdicom as hd  # optional dependency (the dicom extra): imported only when a SEG is written
     from pydicom.sr.codedict import codes
 
-    algorithm = hd.AlgorithmIdentificationSequence(name="unetpp3d", version=__version__,
+    algorithm = hd.AlgorithmIdentificationSequence(name="unetpp3d", version=version,
                                                    family=codes.cid7162.ArtificialIntelligence,
                                                    parameters={"task": task})
     descriptions = []
@@ -155,7 +154,8 @@ def _segment_descriptions(labels: Mapping[int, str], task: str) -> list[Any]:
 
 
 def write_dicom_seg(mask_xyz: np.ndarray, geometry: Geometry, source: str | Path, path: str | Path,
-                    labels: Mapping[int, str], task: str = "", series_uid: str | None = None) -> Path:
+                    labels: Mapping[int, str], task: str = "", series_uid: str | None = None,
+                    version: str = "unknown") -> Path:
     """Write a label map as a DICOM SEG referencing the DICOM series it was computed on, atomically.
 
     Args:
@@ -167,6 +167,8 @@ def write_dicom_seg(mask_xyz: np.ndarray, geometry: Geometry, source: str | Path
         labels: foreground label number -> name, one segment each (background 0 left out).
         task: the model's task, recorded with the algorithm's identification.
         series_uid: the series read from a folder holding several.
+        version: unetpp3d's version (the caller's ``unetpp3d.__version__``), recorded as the SEG's
+            software version and the algorithm's.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -193,10 +195,10 @@ def write_dicom_seg(mask_xyz: np.ndarray, geometry: Geometry, source: str | Path
     try:
         seg = hd.seg.Segmentation(
             source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=_segment_descriptions(labels, task), series_instance_uid=hd.UID(),
+            segment_descriptions=_segment_descriptions(labels, task, version), series_instance_uid=hd.UID(),
             series_number=1000 + int(getattr(first, "SeriesNumber", 0) or 0), sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="unetpp3d", manufacturer_model_name=f"unetpp3d {task}".strip(),
-            software_versions=__version__, device_serial_number="none",
+            software_versions=version, device_serial_number="none",
             series_description=f"unetpp3d {task} segmentation (research)".replace("  ", " ")[:64],
             content_qualification=hd.ContentQualificationValues.RESEARCH,
             # An empty mask still gives a SEG (with its frames), so that "nothing found" is recorded too.
