@@ -83,7 +83,7 @@ def test_masks_of_nnunet_named_inputs_match_labelsTs_in_evaluate(ckpt, tmp_path,
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["liver_005.nii.gz", "liver_006.nii.gz"]
     capsys.readouterr()
     assert run_evaluation(tmp_path / "pred", tmp_path / "labelsTs", out=tmp_path / "scores") == 0
-    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text(encoding="utf-8"))
     assert [c["case"] for c in summary["metric_per_case"]] == ["liver_005", "liver_006"]
     assert summary["predictions_without_reference"] == [] == summary["references_without_prediction"]
 
@@ -157,7 +157,7 @@ def test_statistics_per_case_json_and_one_table_for_the_batch(ckpt, tmp_path):
     rows = list(csv.DictReader((out / "statistics.csv").read_text(encoding="utf-8").splitlines()))
     assert [(r["case"], r["label"], r["name"]) for r in rows] == [("case1", "1", "liver"), ("case2", "1", "liver")]
     for path, row in zip(scans, rows, strict=True):
-        stats = json.loads((out / f"{path.name[:-7]}.statistics.json").read_text())
+        stats = json.loads((out / f"{path.name[:-7]}.statistics.json").read_text(encoding="utf-8"))
         assert stats["case"] == row["case"] and stats["image"] == str(path)
         # measured again here from the files written and read
         image, geometry = read_image(path)
@@ -169,13 +169,13 @@ def test_statistics_per_case_json_and_one_table_for_the_batch(ckpt, tmp_path):
         assert entry["mean_hu"] == pytest.approx(inside.mean(), abs=1e-3) == float(row["mean_hu"])
         assert entry["std_hu"] == pytest.approx(inside.std(), abs=1e-3) == float(row["std_hu"])
     # rerun skipping the finished cases: the table still holds both, from their JSON files
-    before = (out / "statistics.csv").read_text()
+    before = (out / "statistics.csv").read_text(encoding="utf-8")
     assert run_inference(scans, out, model=ckpt, device="cpu", statistics=True, skip_existing=True) == 0
-    assert (out / "statistics.csv").read_text() == before
+    assert (out / "statistics.csv").read_text(encoding="utf-8") == before
     # a skipped case without its JSON (an earlier run without --statistics) is left out, and said so
     (out / "case2.statistics.json").unlink()
     assert run_inference(scans, out, model=ckpt, device="cpu", statistics=True, skip_existing=True) == 0
-    assert [r.split(",")[0] for r in (out / "statistics.csv").read_text().splitlines()[1:]] == ["case1"]
+    assert [r.split(",")[0] for r in (out / "statistics.csv").read_text(encoding="utf-8").splitlines()[1:]] == ["case1"]
 
 
 # ---------------------------------------------------------------------------------------------
