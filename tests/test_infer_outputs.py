@@ -19,7 +19,7 @@ from test_predictor import ThresholdNet, make_prep, save_checkpoint, sphere_scan
 from typer.testing import CliRunner
 
 import unetpp3d
-import unetpp3d.commands.infer as infer_module
+import unetpp3d.commands.cli as cli_module
 from unetpp3d.commands.cli import app, main
 from unetpp3d.commands.evaluate import run_evaluation
 from unetpp3d.commands.infer import run_inference
@@ -345,7 +345,7 @@ def test_infer_choices_and_device_are_checked_before_anything_loads(tmp_path, mo
                                           in result.output), result.output
     assert not (tmp_path / "o").exists()
     seen = {}
-    monkeypatch.setattr(infer_module, "run_inference", lambda **kwargs: seen.update(kwargs) or 0)
+    monkeypatch.setattr(cli_module, "run_inference", lambda **kwargs: seen.update(kwargs) or 0)
     result = runner.invoke(app, ["infer", str(scan), "--out", str(tmp_path / "o"), "--device", "GPU", "--mode", "fast",
                                  "--output-type", "dicom-seg", "-s", "--save-probabilities", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
