@@ -96,3 +96,11 @@ def test_bundle_tools_are_an_extra_not_core():
     for name in ("tqdm", "matplotlib", "tensorboard", "scipy", "scikit-image"):
         line = next(ln for ln in lines if re.match(rf'\s*"{name}>=', ln))
         assert "#" in line, line
+
+
+def test_the_dicom_seg_writer_is_an_extra_the_tests_install():
+    core = _core_requirements()
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert not {"highdicom", "pydicom"} & set(core)
+    assert {Requirement(r).name for r in extras["dicom"]} == {"highdicom"}
+    assert "unetpp3d[dicom]" in extras["test"]

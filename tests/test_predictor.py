@@ -318,7 +318,7 @@ def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys)
     missing = tmp_path / "in" / "missing.nii.gz"
     out = tmp_path / "out"
     code = run_inference([small_scan, broken, missing], out, model=ckpt, device="cpu")
-    assert code == 1
+    assert code == 2  # an unreadable and a missing input: problems the user can fix (errors.exit_status)
     printed = capsys.readouterr().out
     assert "1 segmented, 0 skipped, 2 failed" in printed
     assert "broken" in printed and "missing" in printed and "no such file" in printed
@@ -327,7 +327,7 @@ def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys)
 
     # again with --skip-existing: the finished case is left alone
     stamp = (out / "sphere.nii.gz").stat().st_mtime_ns
-    assert run_inference([small_scan, broken], out, model=ckpt, device="cpu", skip_existing=True) == 1
+    assert run_inference([small_scan, broken], out, model=ckpt, device="cpu", skip_existing=True) == 2
     assert "0 segmented, 1 skipped, 1 failed" in capsys.readouterr().out
     assert (out / "sphere.nii.gz").stat().st_mtime_ns == stamp
     assert run_inference([small_scan], out, model=ckpt, device="cpu", skip_existing=True) == 0
@@ -478,7 +478,7 @@ def test_cli_infer_reports_failures_with_its_exit_code(ckpt, small_scan, tmp_pat
     args = ["infer", str(small_scan), str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "out"),
             "--model", str(ckpt), "--device", "cpu", "--mode", "fast", "--prune-level", "1"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # a missing input, in a batch too
     assert "1 segmented, 0 skipped, 1 failed" in result.output
     assert (tmp_path / "out" / "sphere.nii.gz").is_file()
 

@@ -115,6 +115,10 @@ class InferConfig:
     min_component_ml: float = 0.0  # lung nodules: drop components smaller than this
 
 
+# The inference modes, from InferConfig's one list (the command line's --mode choices).
+INFER_MODES: tuple[str, ...] = get_args(get_type_hints(InferConfig)["mode"])
+
+
 @dataclass
 class Config:
     task: str = "liver"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -38,9 +39,11 @@ from unetpp3d.commands.demo import run_demo
 from unetpp3d.commands.evaluate import run_evaluation
 from unetpp3d.commands.infer import run_inference
 from unetpp3d.commands.train import run_training
+from unetpp3d.config import INFER_MODES
 from unetpp3d.data.manifest import TASKS
 from unetpp3d.errors import EXIT_USER, UserError
 from unetpp3d.hardware import device_name, keep_freed_memory
+from unetpp3d.imageio.writer import OUTPUT_TYPES
 from unetpp3d.synth.phantom import write_dataset
 
 EXIT_STATUS_HELP = ("Exit status: 0 all done; 2 a problem you can fix (a bad flag, manifest, config value or input "
@@ -54,8 +57,10 @@ app = typer.Typer(
     epilog=EXIT_STATUS_HELP,
 )
 
-# The tasks as a choice: click refuses another value, and --help lists them.
+# Options with a fixed set of values as choices: click refuses another value, and --help lists them.
 Task = Enum("Task", {t: t for t in TASKS}, type=str)
+Mode = Enum("Mode", {m: m for m in INFER_MODES}, type=str)
+OutputType = Enum("OutputType", {t: t for t in OUTPUT_TYPES}, type=str)
 
 
 def _show_version(value: bool) -> None:
@@ -98,6 +103,18 @@ def _main(
 ) -> None:
     """The app's own options; each command does the work."""
     keep_freed_memory(malloc_tuning)  # see unetpp3d/hardware.py
+    _quiet_monai_gpu_dicom_reader()
+
+
+def _quiet_monai_gpu_dicom_reader() -> None:
+    """Silence MONAI's notice that its GPU DICOM decoder is unavailable.
+
+    MONAI's ``LoadImage`` builds every reader it knows even when given ours, and where pydicom is
+    installed (the ``dicom`` extra brings it) its nvImageCodec reader logs a warning and warns
+    on every load. unetpp3d reads DICOM with SimpleITK, so the notice says nothing to our users.
+    """
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -157,9 +174,9 @@ def train(
 @app.command()
 def infer(
     inputs: list[Path] = typer.Argument(..., help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders of scans, or a manifest."),
-    out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input, or a folder for several."),
+    out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input (.nii.gz; .dcm with --output-type dicom-seg), or a folder for several."),
     model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: the newest run in ./runs, printed). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
-    mode: Optional[str] = typer.Option(None, help="accurate (mean of all heads' probabilities) or fast (pruned network) (default: the model's infer.mode, else accurate)."),
+    mode: Optional[Mode] = typer.Option(None, help="accurate (mean of all heads' probabilities) or fast (pruned network) (default: the model's infer.mode, else accurate)."),
     prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: the model's infer.prune_level, else 2)."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation, 8 flips (default: the model's infer.tta)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's infer.overlap)."),
@@ -172,12 +189,28 @@ def infer(
     skip_existing: bool = typer.Option(False, help="Skip inputs whose mask already exists."),
     series_uid: Optional[str] = typer.Option(None, help="Pick this SeriesInstanceUID in DICOM folders holding several."),
     trust_bundle: bool = typer.Option(False, help="Allow a bundle not written by unetpp3d (its JSON may run code)."),
+    output_type: OutputType = typer.Option("nifti", help="nifti: compressed NIfTI masks (<case>.nii.gz); dicom-seg: "
+                                                         "a DICOM SEG referencing the source series (<case>.dcm; "
+                                                         "DICOM inputs only; needs highdicom: the dicom extra)."),
+    save_probabilities: Optional[Path] = typer.Option(None, help="Also write the class probabilities: float32 NIfTI "
+                                                                 "on the scan's grid, one volume per class (x, y, z, "
+                                                                 "class); a .nii.gz for one input, else a folder of "
+                                                                 "<case>.nii.gz (not the masks' folder)."),
+    statistics: bool = typer.Option(False, "--statistics", "-s", help="Per class: volume in mL and mean/std HU "
+                                                                      "inside the mask, in <case>.statistics.json "
+                                                                      "beside each mask, and in statistics.csv for "
+                                                                      "a folder of outputs."),
 ) -> None:
-    """Segment scans and write masks on each scan's own grid."""
+    """Segment scans and write masks on each scan's own grid.
+
+    Exit status 2 when some input has a problem you can fix (missing, unreadable), 1 when some
+    case failed otherwise; each failed case is listed in the summary.
+    """
     raise typer.Exit(run_inference(
-        inputs=inputs, out=out, model=model or None, mode=mode, prune_level=prune_level, tta=tta, overlap=overlap,
-        batch_size=batch_size, device=device, amp=amp, preview=preview, skip_existing=skip_existing,
-        series_uid=series_uid, trust_bundle=trust_bundle,
+        inputs=inputs, out=out, model=model or None, mode=mode.value if mode else None, prune_level=prune_level,
+        tta=tta, overlap=overlap, batch_size=batch_size, device=device, amp=amp, preview=preview,
+        skip_existing=skip_existing, series_uid=series_uid, trust_bundle=trust_bundle, output_type=output_type.value,
+        save_probabilities=save_probabilities, statistics=statistics,
     ))
 
 

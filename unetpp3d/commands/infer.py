@@ -1,9 +1,12 @@
 """``unetpp3d infer``: expand the inputs into cases, run the predictor on each, write every output.
 
 Every output is written atomically (the mask last, so an existing mask means a finished case);
-a case that fails is reported and the batch goes on; a summary table ends the run. What is
-written besides the mask (a nodule report, the preview's window) follows the model's task
-(:mod:`unetpp3d.tasks`).
+a case that fails is reported and the batch goes on; a summary table ends the run, and the exit
+status follows :func:`unetpp3d.errors.exit_status`. What is written besides the mask follows the
+model's task (:mod:`unetpp3d.tasks`: a nodule report, the preview's window) and the options:
+class probabilities (``--save-probabilities``), per-class volume and HU statistics
+(``--statistics``), and the mask as NIfTI or as a DICOM SEG over the source series
+(``--output-type``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from unetpp3d import __version__
+from unetpp3d.atomic import atomic_write_text
+from unetpp3d.config import INFER_MODES
 from unetpp3d.data.manifest import case_name
-from unetpp3d.errors import UserError
+from unetpp3d.errors import UserError, exit_status
+from unetpp3d.imageio.dicom_seg import require_highdicom, write_dicom_seg
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
-from unetpp3d.imageio.writer import write_mask
-from unetpp3d.inference.inputs import InputCase, expand_inputs
+from unetpp3d.imageio.writer import OUTPUT_TYPES, write_mask, write_probabilities
+from unetpp3d.inference.inputs import InputCase, expand_inputs, is_dicom
 from unetpp3d.inference.nodules import write_nodule_report
 from unetpp3d.inference.predictor import Predictor
+from unetpp3d.inference.statistics import (
+    STATISTICS_TABLE,
+    ClassStatistics,
+    class_statistics,
+    read_statistics_json,
+    statistics_json,
+    write_statistics_table,
+)
 from unetpp3d.preview import save_overlay_png
 
 log = logging.getLogger("unetpp3d")
@@ -30,18 +45,25 @@ log = logging.getLogger("unetpp3d")
 __all__ = ["expand_inputs", "run_inference"]
 
 
-MASK_SUFFIXES = (".nii.gz", ".nii")
+MASK_SUFFIXES = OUTPUT_TYPES["nifti"]
+
+# Names that say "a file", not "a folder", where an output path is either.
+_FILE_SUFFIXES = IMAGE_SUFFIXES + (".png", ".json", ".csv", ".npz", ".npy")
 
 
-def _mask_outputs(cases: Sequence[InputCase], out: Path) -> dict[str, Path]:
-    is_file = out.name.lower().endswith(MASK_SUFFIXES)
-    if not is_file and not out.is_dir() and out.name.lower().endswith(IMAGE_SUFFIXES + (".png",)):
-        raise UserError(f"--out {out}: masks are written as compressed NIfTI; name the file .nii.gz (or give a folder)")
+def _mask_outputs(cases: Sequence[InputCase], out: Path, output_type: str) -> dict[str, Path]:
+    suffixes = OUTPUT_TYPES[output_type]
+    is_file = out.name.lower().endswith(suffixes)
+    if not is_file and not out.is_dir() and out.name.lower().endswith(_FILE_SUFFIXES):
+        other = next((t for t, s in OUTPUT_TYPES.items() if out.name.lower().endswith(s)), None)
+        hint = f" (or --output-type {other})" if other else ""
+        raise UserError(f"--out {out}: {output_type} masks are written as {suffixes[0]}; name the file "
+                        f"{suffixes[0]}{hint}, or give a folder")
     if is_file and len(cases) > 1:
         raise UserError(f"--out {out}: {len(cases)} inputs need a folder for their masks, not a file name")
     if is_file:
         return {cases[0].name: out}
-    return {c.name: out / f"{c.name}.nii.gz" for c in cases}
+    return {c.name: out / f"{c.name}{suffixes[0]}" for c in cases}
 
 
 def _preview_outputs(cases: Sequence[InputCase], preview: Path | None) -> dict[str, Path]:
@@ -54,9 +76,39 @@ def _preview_outputs(cases: Sequence[InputCase], preview: Path | None) -> dict[s
     return {c.name: preview / f"{c.name}.png" for c in cases}
 
 
-def _report_paths(mask_path: Path) -> tuple[Path, Path]:
-    stem = case_name(mask_path)
-    return mask_path.with_name(f"{stem}.nodules.json"), mask_path.with_name(f"{stem}.nodules.csv")
+def _probability_outputs(cases: Sequence[InputCase], target: Path | None, masks: dict[str, Path]) -> dict[str, Path]:
+    if target is None:
+        return {}
+    if target.name.lower().endswith(MASK_SUFFIXES):
+        if len(cases) > 1:
+            raise UserError(f"--save-probabilities {target}: {len(cases)} inputs need a folder for their "
+                            "probabilities, not a file name")
+        paths = {cases[0].name: target}
+    elif not target.is_dir() and target.name.lower().endswith(_FILE_SUFFIXES):
+        raise UserError(f"--save-probabilities {target}: probabilities are written as float NIfTI; name the file "
+                        ".nii.gz, or give a folder")
+    else:
+        paths = {c.name: target / f"{c.name}.nii.gz" for c in cases}
+    for name, path in paths.items():
+        if path.resolve() == masks[name].resolve():
+            raise UserError(f"--save-probabilities {target}: would overwrite the mask {masks[name]}; give the "
+                            "probabilities their own folder")
+    return paths
+
+
+def _beside(mask_path: Path, what: str) -> Path:
+    """``masks/liver_5.nii.gz`` -> ``masks/liver_5.<what>``."""
+    return mask_path.with_name(f"{case_name(mask_path)}.{what}")
+
+
+@dataclass
+class _Targets:
+    """Where one case's outputs go."""
+
+    mask: Path
+    preview: Path | None = None
+    probabilities: Path | None = None
+    statistics: Path | None = None
 
 
 @dataclass
@@ -67,6 +119,7 @@ class _Outcome:
     voxels: int | None = None
     volume_ml: float | None = None
     note: str = ""
+    user_problem: bool = False  # a failure the user can fix (exit status 2 rather than 1)
 
 
 def _summary(outcomes: Sequence[_Outcome]) -> str:
@@ -83,37 +136,63 @@ def _summary(outcomes: Sequence[_Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _run_case(predictor: Predictor, case: InputCase, mask_path: Path, preview_path: Path | None) -> _Outcome:
+def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_type: str
+              ) -> tuple[_Outcome, list[ClassStatistics]]:
     result = predictor.predict(case.path)
+    labels = {int(k): str(v) for k, v in predictor.prep.labels.items()}
     written: list[Path] = []
+    rows: list[ClassStatistics] = []
     try:
         note = ""
         if predictor.rules.nodule_report and result.nodules is not None:
-            json_path, csv_path = _report_paths(mask_path)
+            json_path, csv_path = _beside(targets.mask, "nodules.json"), _beside(targets.mask, "nodules.csv")
             write_nodule_report(result.nodules, json_path, csv_path, source=str(case.path),
                                 min_volume_ml=predictor.min_component_ml)
             written += [json_path, csv_path]
             note = f"{len(result.nodules)} nodule(s)"
-        if preview_path is not None:
-            save_overlay_png(result.image_xyz, result.mask_xyz, result.geometry, preview_path, title=case.name,
+        if targets.preview is not None:
+            save_overlay_png(result.image_xyz, result.mask_xyz, result.geometry, targets.preview, title=case.name,
                              window=predictor.rules.preview_window)
-            written.append(preview_path)
+            written.append(targets.preview)
+        if targets.probabilities is not None:
+            write_probabilities(result.probabilities, result.geometry, targets.probabilities)
+            written.append(targets.probabilities)
+        if targets.statistics is not None:
+            rows = class_statistics(case.name, result.mask_xyz, result.image_xyz, result.geometry, labels)
+            text = statistics_json(rows, case=case.name, image=str(case.path), mask=str(targets.mask),
+                                   model=predictor.source, tool=f"unetpp3d infer {__version__}",
+                                   intensity="the scan's values as read (HU for CT)")
+            atomic_write_text(targets.statistics, text)
+            written.append(targets.statistics)
         # The mask goes last: an existing mask means the case finished (what --skip-existing checks).
-        write_mask(result.mask_xyz, result.geometry, mask_path)
+        if output_type == "dicom-seg":
+            write_dicom_seg(result.mask_xyz, result.geometry, case.path, targets.mask, labels,
+                            task=predictor.prep.task, series_uid=predictor.series_uid, version=__version__)
+        else:
+            write_mask(result.mask_xyz, result.geometry, targets.mask)
     except BaseException:
         for p in written:  # a failed case leaves nothing behind
             p.unlink(missing_ok=True)
         raise
     voxels = int(np.count_nonzero(result.mask_xyz))
-    return _Outcome(case.name, "ok", result.seconds, voxels, voxels * float(np.prod(result.geometry.spacing)) / 1000,
-                    note)
+    outcome = _Outcome(case.name, "ok", result.seconds, voxels, voxels * result.geometry.voxel_volume_ml(), note)
+    return outcome, rows
+
+
+def _check_dicom_inputs(cases: Sequence[InputCase]) -> None:
+    require_highdicom()
+    for case in cases:
+        if not case.error and not is_dicom(case.path):
+            raise UserError(f"--output-type dicom-seg: {case.path} is not DICOM, so no DICOM SEG can reference it; "
+                            "give DICOM series folders (or DICOM files), or use --output-type nifti")
 
 
 def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | Sequence[str | Path] | None = None,
                   mode: str | None = None, prune_level: int | None = None, tta: bool | None = None,
                   overlap: float | None = None, batch_size: int | None = None, device: str | None = None,
                   amp: bool = True, preview: str | Path | None = None, skip_existing: bool = False,
-                  series_uid: str | None = None, trust_bundle: bool = False) -> int:
+                  series_uid: str | None = None, trust_bundle: bool = False, output_type: str = "nifti",
+                  save_probabilities: str | Path | None = None, statistics: bool = False) -> int:
     """Segment scans and write one mask per scan on that scan's own grid (``unetpp3d infer``).
 
     The settings left None are the model's own (its config's ``infer`` section), else
@@ -121,9 +200,11 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
 
     Args:
         inputs: scan files (NIfTI, NRRD, MHA), DICOM series folders, folders of those, or a
-            manifest (its test cases, else its training images).
-        out: the mask file (``.nii.gz``) for one scan, or a folder receiving ``<case>.nii.gz``.
-            Lung-nodule models also write ``<case>.nodules.json`` and ``.csv`` beside each mask.
+            manifest (its test cases, else its training images). A case is named after its file
+            (nnU-Net's ``liver_005_0000.nii.gz`` is ``liver_005``) or its DICOM folder.
+        out: the mask file for one scan (``.nii.gz``; ``.dcm`` for a DICOM SEG), or a folder
+            receiving ``<case>.nii.gz`` (``<case>.dcm``). Lung-nodule models also write
+            ``<case>.nodules.json`` and ``.csv`` beside each mask.
         model: checkpoint, run folder or exported bundle, or a list of them to ensemble (their
             probabilities averaged); None: the newest run in ``./runs`` (printed).
         mode: "accurate" or "fast" (default: the model's).
@@ -137,46 +218,84 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         skip_existing: leave cases whose mask already exists.
         series_uid: the DICOM series to read from folders holding several.
         trust_bundle: allow a bundle not exported by unetpp3d (see :meth:`Predictor.from_source`).
+        output_type: "nifti" (compressed NIfTI) or "dicom-seg": a DICOM SEG referencing the source
+            series (DICOM inputs only; needs highdicom, the ``dicom`` extra).
+        save_probabilities: a ``.nii.gz`` (one scan) or a folder receiving ``<case>.nii.gz``: the
+            class probabilities as float32 NIfTI on the scan's grid, one volume per class
+            (``x, y, z, class``), summing to one, before the task's clean-up.
+        statistics: write ``<case>.statistics.json`` beside each mask (per class: voxels, volume
+            in mL, mean and std HU inside the mask) and, when ``out`` is a folder,
+            ``statistics.csv`` with every case's rows (skipped cases' from their JSON).
 
     Returns:
-        0 when every case was segmented or skipped, 1 when any failed (each is listed in the
-        summary table printed at the end).
+        The exit status of :func:`unetpp3d.errors.exit_status`: 0 when every case was segmented
+        or skipped; 2 when some case failed for a reason the user can fix (a missing or
+        unreadable input, a DICOM series that cannot be read or referenced); 1 when some case
+        failed otherwise (1 wins over 2). Each failed case is listed in the summary table printed
+        at the end.
 
     Raises:
         UserError: no usable model, bad settings, or outputs that cannot be named (checked
-            before any case runs). Problems with one scan are reported, not raised.
+            before any case runs; for ``dicom-seg``, before the model loads: highdicom missing or
+            an input that is not DICOM). Problems with one scan are reported, not raised.
     """
     out = Path(out)
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"--output-type {output_type!r}: use {' or '.join(OUTPUT_TYPES)}")
+    if mode is not None and mode not in INFER_MODES:
+        raise UserError(f"--mode {mode!r}: use {' or '.join(INFER_MODES)}")
     cases = expand_inputs(inputs)
-    masks = _mask_outputs(cases, out)
+    if output_type == "dicom-seg":
+        _check_dicom_inputs(cases)
+    masks = _mask_outputs(cases, out, output_type)
     previews = _preview_outputs(cases, Path(preview) if preview is not None else None)
+    probabilities = _probability_outputs(cases, Path(save_probabilities) if save_probabilities is not None else None,
+                                         masks)
+    targets = {c.name: _Targets(masks[c.name], previews.get(c.name), probabilities.get(c.name),
+                                _beside(masks[c.name], "statistics.json") if statistics else None) for c in cases}
     predictor = Predictor.from_source(
         model, device=device, trust_bundle=trust_bundle, overlap=overlap, batch_size=batch_size, mode=mode,
         prune_level=prune_level, tta=tta, amp=amp, series_uid=series_uid,
+        keep_probabilities=True if save_probabilities is not None else None,
     )
     if not model:
         print(f"no --model given: using the newest run, {predictor.source}")
     log.info("%s", predictor.describe())
     outcomes: list[_Outcome] = []
+    rows: list[ClassStatistics] = []
     for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
-        mask_path = masks[case.name]
+        target = targets[case.name]
         if case.error:
             log.error("%s: %s: %s", case.name, case.path, case.error)
-            outcomes.append(_Outcome(case.name, "failed", note=f"{case.path}: {case.error}"))
+            outcomes.append(_Outcome(case.name, "failed", note=f"{case.path}: {case.error}", user_problem=True))
             continue
-        if skip_existing and mask_path.exists():
-            log.info("%s: %s exists, skipped", case.name, mask_path)
-            outcomes.append(_Outcome(case.name, "skipped", note=str(mask_path)))
+        if skip_existing and target.mask.exists():
+            log.info("%s: %s exists, skipped", case.name, target.mask)
+            outcomes.append(_Outcome(case.name, "skipped", note=str(target.mask)))
+            if target.statistics is not None:
+                # The case is done; its statistics come from the run that wrote its mask, where there are any.
+                try:
+                    rows += read_statistics_json(target.statistics)
+                except UserError as exc:
+                    log.warning("%s: %s; %s leaves the case out", case.name,
+                                exc if target.statistics.exists() else f"no {target.statistics.name}",
+                                STATISTICS_TABLE)
             continue
         try:
-            outcomes.append(_run_case(predictor, case, mask_path, previews.get(case.name)))
-            log.info("%s: wrote %s", case.name, mask_path)
+            outcome, case_rows = _run_case(predictor, case, target, output_type)
+            outcomes.append(outcome)
+            rows += case_rows
+            log.info("%s: wrote %s", case.name, target.mask)
         except UserError as exc:
             log.error("%s: %s", case.name, exc)
-            outcomes.append(_Outcome(case.name, "failed", note=str(exc)))
+            outcomes.append(_Outcome(case.name, "failed", note=str(exc), user_problem=True))
         except (RuntimeError, ValueError, OSError, MemoryError) as exc:
             # Not a user mistake we recognised: keep the traceback in the log, keep going.
             log.exception("%s: failed", case.name)
             outcomes.append(_Outcome(case.name, "failed", note=f"{type(exc).__name__}: {exc}"))
+    if statistics and not out.name.lower().endswith(OUTPUT_TYPES[output_type]):
+        table = write_statistics_table(rows, out / STATISTICS_TABLE)
+        log.info("per-class statistics of %d case(s) written to %s", len({r.case for r in rows}), table)
     print(_summary(outcomes))
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    failed = [o for o in outcomes if o.status == "failed"]
+    return exit_status(sum(o.user_problem for o in failed), sum(not o.user_problem for o in failed))

@@ -157,14 +157,37 @@ def _check_series(folder: Path, series: list[_Slice]) -> list[_Slice]:
     return series
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def _series(folder: Path, series_uid: str | None) -> list[_Slice]:
+    """The slices of the one series read from ``folder`` (``series_uid`` picks among several)."""
     slices, others = _scan_dicom(folder)
     if not slices:
         subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
         hint = f" (subfolders are not searched: {', '.join(sorted(subdirs)[:5])})" if subdirs else ""
         raise UserError(f"{folder}: no DICOM files found among {others} file(s){hint}; give the folder that holds "
                         "the series' slice files")
-    series = _pick_series(folder, slices, series_uid)
+    return _pick_series(folder, slices, series_uid)
+
+
+def series_files(folder: str | Path, series_uid: str | None = None) -> list[Path]:
+    """The files of the DICOM series that :func:`~unetpp3d.imageio.readers.read_image` reads from ``folder``.
+
+    Args:
+        folder: a folder holding a DICOM series.
+        series_uid: the SeriesInstanceUID to pick where the folder holds several.
+
+    Returns:
+        The slice files, sorted along the slice normal (one file: a multi-frame or single-slice image).
+
+    Raises:
+        UserError: as :func:`~unetpp3d.imageio.readers.read_image` for the same folder.
+    """
+    folder = Path(folder)
+    series = _series(folder, series_uid)
+    return [s.path for s in (series if len(series) == 1 else _check_series(folder, series))]
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    series = _series(folder, series_uid)
     if len(series) == 1:
         # One file: a multi-frame DICOM holds a whole volume, a classic one a single slice.
         return _read_file(series[0].path)

@@ -1,4 +1,4 @@
-"""Write masks (and synthetic images) on an exact voxel grid, atomically.
+"""Write masks, class probabilities (and synthetic images) on an exact voxel grid, atomically.
 
 :func:`write_mask` is the inverse of :func:`unetpp3d.imageio.readers.read_image`: it takes an ``(x, y, z)``
 array and the :class:`~unetpp3d.geometry.Geometry` it was computed on, and writes a file that
@@ -19,6 +19,13 @@ from unetpp3d.geometry import Geometry
 
 # .mhd is left out on purpose: it writes a second (.raw) file that one atomic rename cannot cover.
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+# What `unetpp3d infer --output-type` writes each mask as, and the file suffixes it accepts
+# (the first is the one a folder's ``<case>`` files get).
+OUTPUT_TYPES: dict[str, tuple[str, ...]] = {
+    "nifti": (".nii.gz", ".nii"),  # write_mask
+    "dicom-seg": (".dcm",),  # unetpp3d.imageio.dicom_seg.write_dicom_seg
+}
 
 
 def _check_target(path: Path) -> None:
@@ -114,3 +121,40 @@ def write_image(array_xyz: np.ndarray, geometry: Geometry, path: str | Path) -> 
     elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.float32):
         raise ValueError(f"{path}: cannot write an image of type {array.dtype}")
     return _write(array, geometry, path)
+
+
+def write_probabilities(probabilities: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
+    """Write class probabilities as one 4D float32 image on ``geometry``'s grid, atomically.
+
+    The file is ``(x, y, z, class)``: nibabel reads it with that shape and the scan's affine,
+    SimpleITK as a 4D image whose first three axes carry the scan's spacing, origin and direction.
+
+    Args:
+        probabilities: ``(C, x, y, z)``, one channel per class (background first), each channel
+            shaped ``geometry.size``.
+        geometry: the grid of the scan they were computed for.
+        path: target file, ``.nii.gz`` (or ``.nii``, ``.nrrd``, ``.mha``); parent folders are created.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        UserError: unsupported suffix, or the file cannot be written.
+        ValueError: the array is not ``(C, *geometry.size)`` (a bug in the caller).
+    """
+    path = Path(path)
+    _check_target(path)
+    probs = np.asarray(probabilities)
+    if probs.ndim != 4 or tuple(probs.shape[1:]) != geometry.size:
+        raise ValueError(f"{path}: probabilities of shape {tuple(probs.shape)} are not (classes, *{geometry.size})")
+    # One 3D image per class on the scan's grid, joined along a fourth axis.
+    channels = [geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(c.transpose(2, 1, 0), dtype=np.float32)))
+                for c in probs]
+    image = sitk.JoinSeries(channels)
+    del channels
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            raise UserError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1][:200]})") from None
+    return path

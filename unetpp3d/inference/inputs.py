@@ -50,10 +50,26 @@ def _is_dicom_folder(folder: Path) -> bool:
     return any(_is_dicom_file(p) for p in files[:16])
 
 
+# nnU-Net names a case's first (here: only) input channel <case>_0000<ending>; its labels are <case><ending>.
+NNUNET_CHANNEL_0 = "_0000"
+
+
 def _image_name(path: Path) -> str:
     if path.is_dir() and path.name.lower() in _GENERIC_FOLDER_NAMES and path.resolve().parent.name:
         return path.resolve().parent.name
-    return case_name(path)
+    name = case_name(path)
+    if path.is_dir() or name == path.name:  # a folder, or a file with no image suffix
+        return name
+    # imagesTs/liver_005_0000.nii.gz -> liver_005, the name of its mask in labelsTs/ (as nnU-Net writes it).
+    if name.endswith(NNUNET_CHANNEL_0) and len(name) > len(NNUNET_CHANNEL_0):
+        return name[: -len(NNUNET_CHANNEL_0)]
+    return name
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether an input (as :func:`expand_inputs` accepts it) is DICOM: a series folder or a DICOM file."""
+    path = Path(path)
+    return _is_dicom_folder(path) if path.is_dir() else path.is_file() and _is_dicom_file(path)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
@@ -62,7 +78,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
     Each input is an image file, a DICOM series folder, a folder of such inputs (image files and
     DICOM series subfolders directly inside it), or a manifest (its test cases, else its
     training images). A missing or unsupported input becomes a case with an ``error``, so that
-    a batch reports it and carries on. Names are made unique by prefixing the parent folder.
+    a batch reports it and carries on. A case is named after its file without the image suffix
+    and without nnU-Net's channel suffix ``_0000`` (``liver_005_0000.nii.gz`` is ``liver_005``, as
+    its reference in ``labelsTs/`` is named), or after its DICOM folder. Names are made unique by
+    prefixing the parent folder.
 
     Raises:
         UserError: no inputs given, or a manifest that cannot be read.

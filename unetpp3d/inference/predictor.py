@@ -39,7 +39,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, LoadImaged
 from torch import nn
 
-from unetpp3d.config import FAST_PRUNE_LEVEL, InferConfig, Preprocessing
+from unetpp3d.config import FAST_PRUNE_LEVEL, INFER_MODES, InferConfig, Preprocessing
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.hardware import autocast_dtype, resolve_device
@@ -64,7 +64,7 @@ from unetpp3d.tasks import task_rules
 log = logging.getLogger("unetpp3d")
 
 
-MODES = ("accurate", "fast")
+MODES = INFER_MODES
 
 
 # The defaults of every inference setting (the predictor's, `infer`'s, a bundle's).
@@ -81,8 +81,9 @@ class Prediction:
 
     Attributes:
         mask_xyz: integer labels (x, y, z), post-processed.
-        probabilities: class probabilities ``(C, x, y, z)`` float32 after ``Invertd``, or None
-            when the predictor was not asked to keep them (they are large).
+        probabilities: class probabilities ``(C, x, y, z)`` float32 after ``Invertd``, summing
+            to one in every voxel (:func:`complete_probabilities`), before the task's clean-up;
+            None when the predictor was not asked to keep them (they are large).
         geometry: the input's :class:`~unetpp3d.geometry.Geometry`.
         image_xyz: the input scan (x, y, z) as read, for previews.
         seconds: wall time of the whole prediction.
@@ -102,6 +103,29 @@ class Prediction:
 def _plain(t: Any) -> torch.Tensor:
     """A tensor without MONAI's metadata (a MetaTensor's ``as_tensor``), from a tensor or an array."""
     return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def complete_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Make class probabilities that ``Invertd`` left incomplete sum to one again, in place.
+
+    Inverting the body crop pads with zeros, so outside the crop every class has probability 0,
+    and the linear resampling back to the scan's grid blends those zeros into the crop's edge.
+    Outside the crop the background gets probability 1 (the network never saw it; the mask
+    calls it background); elsewhere each voxel's probabilities are divided by their sum, which
+    keeps their argmax, so the probabilities agree with the mask before the task's clean-up.
+
+    Args:
+        probs: ``(C, x, y, z)`` float probabilities, background first.
+
+    Returns:
+        ``probs``, changed in place.
+    """
+    total = probs.sum(axis=0)
+    inside = total > 0
+    for channel in probs:  # one channel at a time: no second copy of the whole array
+        np.divide(channel, total, out=channel, where=inside)
+    probs[0][~inside] = 1.0
+    return probs
 
 
 def _round_up(values: Sequence[int], divisor: Sequence[int]) -> tuple[int, int, int]:
@@ -400,10 +424,11 @@ class Predictor:
         del data, probs, image
         if tuple(inverted.shape[1:]) != tuple(geometry.size):
             raise RuntimeError(f"inverse transforms gave {tuple(inverted.shape[1:])}, expected {geometry.size}")
-        keep = self.keep_probabilities or self.rules.nodule_report
-        probs_np = _plain(inverted).float().cpu().numpy() if keep else None
         # The rest of the pipeline: argmax, then the task's clean-up, as a bundle runs them.
         label = self.pipeline.after_invert({PRED_KEY: inverted})[PRED_KEY]
+        keep = self.keep_probabilities or self.rules.nodule_report
+        # After the argmax: the NumPy view may share the tensor's memory, and is completed in place.
+        probs_np = complete_probabilities(_plain(inverted).float().cpu().numpy()) if keep else None
         del inverted
         mask = _plain(label)[0].to(torch.uint8).cpu().numpy()
         nodules = None
