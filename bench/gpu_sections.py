@@ -123,7 +123,7 @@ def cuda_train(table: Table, args) -> None:
             table.add(section=section, model=kind, variant=name, note=f"FAILED {type(exc).__name__}: {str(exc)[:160]}")
             continue
         finally:
-            del model, net, opt
+            model = net = opt = None  # free the variant's memory before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         med = statistics.median(ts)
