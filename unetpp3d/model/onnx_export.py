@@ -16,8 +16,10 @@ its output must match PyTorch's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,26 @@ def output_name(net: UNetPlusPlus3D, prune_level: int | None) -> str:
     return "log_probabilities" if prune_level is None and net.deep_supervision else "logits"
 
 
+def _logaddexp(g, a, b):
+    """``aten::logaddexp`` in ONNX ops: ``max(a, b) + softplus(-|a - b|)``, exact and overflow-free.
+
+    Accurate mode combines the heads with ``torch.logaddexp``
+    (:func:`~unetpp3d.model.network.combine_heads`), which the TorchScript-based exporter has no
+    symbolic for at any opset.
+    """
+    return g.op("Add", g.op("Max", a, b), g.op("Softplus", g.op("Neg", g.op("Abs", g.op("Sub", a, b)))))
+
+
+@contextlib.contextmanager
+def _logaddexp_symbolic(opset: int) -> Iterator[None]:
+    """:func:`_logaddexp` registered for one export only: the exporter's table is process-wide."""
+    torch.onnx.register_custom_op_symbolic("aten::logaddexp", _logaddexp, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::logaddexp", opset)
+
+
 def require_onnx() -> tuple[object, object]:
     """Import ``onnx`` and ``onnxruntime``, or say how to install them.
 
@@ -117,7 +139,7 @@ def export_onnx(net: UNetPlusPlus3D, out: str | Path, prune_level: int | None = 
     name = output_name(net, prune_level)
     out = Path(out)
     with atomic_path(out) as tmp:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _logaddexp_symbolic(opset):
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation note and tracer notes
             # The TorchScript-based exporter (dynamo=False) takes dynamic axes as they are; the
             # torch.export-based one needs onnxscript and a symbolic proof of the size check.
