@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv clean gpu-check gpu-check-dry-run
 
 venv: $(VENV)/.installed
 
@@ -30,5 +30,17 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
+# On a GPU machine: pytest -m gpu, then the CUDA sections of bench/bench.py and a table of issue 17's
+# targets (bench/README.md). Uses the machine's own PyTorch and the wheels carried in .whl/
+# (bench/fetch_gpu_wheels.sh), not a venv. Logs and JSON go to $(GPU_CHECK_OUT), else $$OUT, else
+# gpu_check_out/. The dry run does the same on this CPU at tiny sizes and measures nothing.
+GPU_CHECK_OUT ?=
+
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_OUT)
+
+gpu-check-dry-run: venv
+	PYTHON=$(PY) bash bench/gpu_check.sh --dry-run $(GPU_CHECK_OUT)
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache gpu_check_out

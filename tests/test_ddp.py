@@ -69,3 +69,30 @@ def test_two_gloo_ranks_see_different_patches_and_end_with_the_same_weights(tmp_
     last = torch.load(run / "last.pt", weights_only=True)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(last["state_dict"][key], value), key
+
+
+def test_a_torchrun_process_alone_still_joins_a_process_group(monkeypatch):
+    """`torchrun --nproc_per_node=1` runs the distributed path (DDP, collectives), so that one GPU
+    can check it with NCCL; a plain run does not."""
+    import socket
+
+    from unetpp3d.training.distributed import Dist
+
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    alone, _ = Dist.from_env("cpu")
+    assert not alone.enabled and alone.backend is None
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    dist, device = Dist.from_env("cpu")
+    try:
+        assert dist.enabled and dist.backend == "gloo" and device.type == "cpu"
+        assert dist.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+    finally:
+        dist.close()
+    assert not torch.distributed.is_initialized()

@@ -306,6 +306,31 @@ def test_large_output_is_stitched_on_the_cpu(monkeypatch):
     assert where.type == "cuda"
 
 
+def test_windows_out_of_gpu_memory_retry_with_the_output_on_the_cpu(ckpt, small_scan, monkeypatch, caplog):
+    """The GPU held the output but the windows then ran out of memory: the case is redone with the
+    output on the CPU, not lost. (No GPU here: the decision and the failure are simulated.)"""
+    predictor = Predictor.from_source(ckpt, device="cpu", progress=False)
+    expected = predictor.predict(small_scan).mask_xyz
+    real_inferer = predictor.inferer
+    asked = []
+
+    def inferer(stitch_device=None):
+        asked.append(torch.device(stitch_device).type)
+        if asked[-1] == "cuda":
+            def out_of_memory(*args):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return out_of_memory
+        return real_inferer(stitch_device)
+
+    monkeypatch.setattr(predictor, "_stitch_device", lambda shapes: (torch.device("cuda"), "on cuda (pretend)"))
+    monkeypatch.setattr(predictor, "inferer", inferer)
+    with caplog.at_level("WARNING", logger="unetpp3d"):
+        result = predictor.predict(small_scan)
+    assert asked == ["cuda", "cpu"] and result.info["stitch"] == "cpu"
+    assert "out of GPU memory" in caplog.text
+    np.testing.assert_array_equal(result.mask_xyz, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------

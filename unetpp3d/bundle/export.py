@@ -10,7 +10,8 @@ The bundle follows the layout the MONAI Bundle specification documents
       configs/inference.json   the same pipeline as ``unetpp3d infer``, for ``python -m monai.bundle run``
       configs/logging.conf     console logging for MONAI's runner
       models/model.pt          the state dict
-      models/model.ts          TorchScript (traced in eval mode), with metadata.json and inference.json inside
+      models/model.ts          TorchScript of every inference mode, device-neutral, with metadata.json and
+                               inference.json inside: ``forward`` accurate, ``fast_l<l>`` UNet++ L^l
       docs/README.md           what it segments, how it was trained, its validation figures, how to run it
       LICENSE                  a short licence notice
 
@@ -54,7 +55,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from unetpp3d.bundle.readme import LICENSE_TEXT, LOGGING_CONF, _readme
 from unetpp3d.errors import UserError
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
+from unetpp3d.model.portable import trace_modes
 
 log = logging.getLogger("unetpp3d")
 
@@ -85,18 +87,17 @@ def _check_plain_strings(obj: Any, where: str) -> None:
             _check_plain_strings(v, f"{where}[{i}]")
 
 
-def _torchscript(network: nn.Module, roi_size: Sequence[int], meta: dict[str, Any], inference: dict[str, Any],
-                 path: Path) -> None:
-    """Trace the network in eval mode on one window; store metadata.json and inference.json inside."""
-    import warnings
+def _torchscript(network: nn.Module, meta: dict[str, Any], inference: dict[str, Any], path: Path) -> None:
+    """Trace every inference mode into one device-neutral file; store metadata.json and inference.json inside.
 
+    ``forward`` is accurate mode and ``fast_l<l>`` the pruned network UNet++ L^l
+    (:func:`~unetpp3d.model.portable.trace_modes`). The trace is shape-generic, so the smallest
+    input the network accepts with more than one voxel at its deepest level is enough.
+    """
     from monai.data import save_net_with_metadata
 
-    network = network.eval()
-    example = torch.zeros(1, int(network.model_args["in_channels"]), *(int(v) for v in roi_size))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes on Python-side shape checks, which hold for any window
-        traced = torch.jit.trace(network, example, check_trace=False)
+    example = torch.zeros(1, int(network.model_args["in_channels"]), *(2 * d for d in network.size_divisor))
+    traced = trace_modes(network, example)
     save_net_with_metadata(traced, str(path.with_suffix("")), include_config_vals=False, append_timestamp=False,
                            meta_values=meta, more_extra_files={"inference.json": json.dumps(inference).encode()})
 
@@ -161,7 +162,7 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool 
         (stage / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
         (stage / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
         torch.save(predictor.network.state_dict(), stage / "models" / "model.pt")
-        _torchscript(predictor.network, predictor.roi_size, meta, inference, stage / "models" / "model.ts")
+        _torchscript(predictor.network, meta, inference, stage / "models" / "model.ts")
         (stage / "docs" / "README.md").write_text(_readme(payload, predictor, meta, ckpt), encoding="utf-8")
         (stage / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
         if not out.exists():

@@ -8,6 +8,7 @@ from typing import Any
 
 from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS, _version
 from unetpp3d.inference.predictor import Predictor
+from unetpp3d.model.portable import fast_method_name, prune_levels
 from unetpp3d.tasks import task_rules
 
 
@@ -129,18 +130,54 @@ def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any],
         "unetpp3d infer SCANS --out MASKS --model BUNDLE",
         "```",
         "",
-        "`models/model.ts` is the network alone, traced with TorchScript in eval mode: input "
-        f"`(B, {args['in_channels']}, x, y, z)` preprocessed as above, each size a multiple of "
-        f"{list(predictor.network.size_divisor)}; output `(B, {args['out_channels']}, x, y, z)` log-probabilities: "
-        "the log of the mean of the heads' softmax probabilities, so its softmax is that mean and its argmax the "
-        "label.",
-        "",
+        *_torchscript_section(predictor.network),
         "## Licence",
         "",
         "See `LICENSE`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _torchscript_section(network: Any) -> list[str]:
+    """How to run ``models/model.ts`` (see :func:`unetpp3d.model.portable.trace_modes`)."""
+    args = network.model_args
+    levels = prune_levels(network)
+    shape = f"`(B, {args['out_channels']}, x, y, z)`"
+    if levels:
+        rows = [f"| accurate | `model(x)` | log-probabilities {shape}: the log of the mean of the {len(levels)} "
+                "heads' softmax probabilities |",
+                *[f"| fast, UNet++ L^{lv} | `model.{fast_method_name(lv)}(x)` | head X^{{0,{lv}}}'s logits |"
+                  for lv in levels]]
+        example = f"# accurate; model.{fast_method_name(min(2, levels[-1]))}(x) for fast mode"
+    else:
+        rows = [f"| accurate | `model(x)` | logits {shape} (trained without deep supervision: one head, no fast "
+                "mode) |"]
+        example = ""
+    return [
+        "### TorchScript",
+        "",
+        "`models/model.ts` is the network alone, without pre- or post-processing, traced with TorchScript from "
+        "the plain reference path: it holds no CPU-only operator, so it runs on the CPU and on CUDA alike, at any "
+        f"batch size and any input size `(B, {args['in_channels']}, x, y, z)` whose sides are multiples of "
+        f"{list(network.size_divisor)}, preprocessed as above. Each inference mode is a method of the same module "
+        "(the weights are stored once):",
+        "",
+        "| mode | call | output |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        "In every mode the output's softmax over channels is the probabilities (in accurate mode, exactly the "
+        "mean of the heads' probabilities) and its argmax the label.",
+        "",
+        "```python",
+        "import torch",
+        'model = torch.jit.load("BUNDLE/models/model.ts", map_location="cuda")  # or "cpu"',
+        "with torch.no_grad():",
+        f"    probs = model(x.cuda()).softmax(1)  {example}".rstrip(),
+        "```",
+        "",
+    ]
 
 
 # configs/logging.conf, which MONAI's runner applies: the cases written are logged to the console.

@@ -1,4 +1,4 @@
-"""Command line: `unetpp3d check | synth | train | infer | evaluate | export-bundle | demo`.
+"""Command line: `unetpp3d check | synth | train | infer | evaluate | export-bundle | export-onnx | demo`.
 
 Each command is a thin shell over one module's public function. A :class:`UserError` is printed
 as one line, without a traceback, and the process exits with status 2. Options with a fixed set
@@ -240,6 +240,19 @@ def export_bundle(
     """Export a trained model as a MONAI Bundle that `python -m monai.bundle run` executes."""
     path = write_bundle(model=model, out=out, force=force)
     typer.echo(f"bundle written to {path}")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    model: Path = typer.Argument(..., help="Checkpoint, run folder or bundle exported by unetpp3d."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+    mode: str = typer.Option("accurate", help="accurate (every head, probabilities averaged) or fast (pruned network)."),
+    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: 2)."),
+) -> None:
+    """Export the network in one inference mode as ONNX (needs the onnx extra), checked in onnxruntime."""
+    from unetpp3d.commands.export_onnx import describe, run_export_onnx
+
+    typer.echo(describe(run_export_onnx(model, out, mode=mode, prune_level=prune_level)))
 
 
 @app.command()

@@ -415,7 +415,18 @@ class Predictor:
         log.info("%s: %s -> %s at %s mm; %d window(s) of %s, stitching %s", path.name, geometry.describe(),
                  "x".join(map(str, image.shape[1:])), "x".join(f"{s:g}" for s in self.prep.target_spacing),
                  self._count_windows(image.shape[1:]), "x".join(map(str, self.roi_size)), why)
-        probs = self.inferer(stitch)(image[None], self.window_net)[0]
+        try:
+            probs = self.inferer(stitch)(image[None], self.window_net)[0]
+        except torch.OutOfMemoryError as exc:
+            if stitch.type != "cuda":
+                raise
+            # The headroom left beside the output is a fixed guess; a large network's windows can
+            # need more. The CPU holds the output instead (same values); windows stay on the GPU.
+            log.warning("%s: out of GPU memory with the output on %s (%s); stitching on the CPU instead",
+                        path.name, stitch, str(exc).splitlines()[0][:120])
+            torch.cuda.empty_cache()
+            stitch = torch.device("cpu")
+            probs = self.inferer(stitch)(image[None], self.window_net)[0]
         windows = time.perf_counter()
 
         # Invertd copies the image's trace of applied transforms onto the prediction and undoes

@@ -14,15 +14,22 @@ from unetpp3d.hardware import resolve_device
 
 @dataclass
 class Dist:
-    """This process's place in a (possibly one-process) run, and the collectives the loop needs."""
+    """This process's place in a (possibly one-process) run, and the collectives the loop needs.
+
+    ``backend`` is the process group's ("nccl" on GPUs, "gloo" on CPUs), or None for a plain
+    one-process run. Every process that ``torchrun`` starts joins a group, one process alone
+    too, so that ``torchrun --nproc_per_node=1`` runs the distributed code (DDP, NCCL
+    collectives) as a multi-GPU run does: a single GPU can check that path.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -33,12 +40,15 @@ class Dist:
         """Read torchrun's variables, join the process group, and pick this process's device."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(device_request, local if world > 1 else None)
+        launched = world > 1 or torch_dist.is_torchelastic_launched()
+        device = resolve_device(device_request, local if launched else None)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if world > 1 and not torch_dist.is_initialized():
+        if not launched:
+            return cls(rank, world, local), device
+        if not torch_dist.is_initialized():
             torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(rank, world, local), device
+        return cls(rank, world, local, torch_dist.get_backend()), device
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.enabled:

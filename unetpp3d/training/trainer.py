@@ -107,7 +107,8 @@ class Trainer:
         self.log.message(
             f"{'resuming at' if self.start_epoch else 'training from'} epoch {self.start_epoch + 1}/{tc.epochs}: "
             f"{len(self.split['training'])} training and {len(self.split['validation'])} validation cases, "
-            f"patch {self.prep.patch_size}, batch {self.cfg.data.batch_size} x {self.dist.world_size} process(es), "
+            f"patch {self.prep.patch_size}, batch {self.cfg.data.batch_size} x {self.dist.world_size} process(es)"
+            f"{f' ({self.dist.backend})' if self.dist.backend else ''}, "
             f"{tc.iterations_per_epoch} iterations/epoch, {self.device}"
             f"{', ' + str(self.amp).replace('torch.', '') if self.amp else ''} -> {self.folder}")
 
