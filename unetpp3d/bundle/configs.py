@@ -184,7 +184,7 @@ def metadata_config(payload: dict[str, Any], predictor: Predictor, source: Path)
     return {
         "schema": MONAI_SCHEMA_URL,
         "version": BUNDLE_VERSION,
-        "changelog": {BUNDLE_VERSION: f"exported by unetpp3d {_version('unetpp3d')} from {source.name}"
+        "changelog": {BUNDLE_VERSION: f"exported by unetpp3d {unetpp3d.__version__} from {source.name}"
                                       f" (epoch {payload.get('epoch', 'unknown')})"},
         "monai_version": _base_version(monai.__version__),
         "pytorch_version": _base_version(torch.__version__),

@@ -8,7 +8,7 @@ from typing import Any
 
 import unetpp3d
 from unetpp3d.bundle.check_unetpp3d import install_command
-from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS, _version
+from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.tasks import task_rules
 
@@ -49,7 +49,7 @@ def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any],
         "",
         f"A 3D UNet++ that segments **{targets}** in CT scans, exported from `{source.parent.name}/{source.name}` "
         "by unetpp3d "
-        f"{_version('unetpp3d')}.",
+        f"{unetpp3d.__version__}.",
         "",
         "> **Research use only.** " + INTENDED_USE[len("Research only. "):],
         "",
