@@ -1,13 +1,19 @@
-"""Export a trained model as a MONAI Bundle, and the components its ``inference.json`` names."""
+"""Export a trained model as a MONAI Bundle, and the components its configs name."""
 
 from unetpp3d.bundle.components import (
-           BundleEvaluator,
-           SaveMaskd,
-           load_network,
-           scan_datalist,
+    AtomicNibabelWriter,
+    BundleEvaluator,
+    CaseNames,
+    NoduleReportd,
+    SaveMaskd,
+    load_network,
+    one_line_user_errors,
+    scan_datalist,
 )
 from unetpp3d.bundle.configs import meta_schema_path, verify_metadata
 from unetpp3d.bundle.export import export_bundle
+from unetpp3d.bundle.training import BundleTrainer, BundleValidator, labelled_datalist
 
-__all__ = ["BundleEvaluator", "SaveMaskd", "export_bundle", "load_network", "meta_schema_path", "scan_datalist",
-           "verify_metadata"]
+__all__ = ["AtomicNibabelWriter", "BundleEvaluator", "BundleTrainer", "BundleValidator", "CaseNames", "NoduleReportd",
+           "SaveMaskd", "export_bundle", "labelled_datalist", "load_network", "meta_schema_path",
+           "one_line_user_errors", "scan_datalist", "verify_metadata"]

@@ -8,12 +8,17 @@ The bundle follows the layout the MONAI Bundle specification documents
                                ``unetpp3d`` section (model_args, preprocessing, config) that
                                ``unetpp3d infer --model BUNDLE`` reads as plain data
       configs/inference.json   the same pipeline as ``unetpp3d infer``, for ``python -m monai.bundle run``
+      configs/train.json       training with unetpp3d's Trainer from and back to models/model.pt
+      configs/multi_gpu_train.json   merged over train.json under torchrun
+      configs/evaluate.json    merged over train.json: segment and score labelled cases
       configs/logging.conf     console logging for MONAI's runner
       models/model.pt          the state dict
       models/model.ts          TorchScript of every inference mode, device-neutral, with metadata.json and
                                inference.json inside: ``forward`` accurate, ``fast_l<l>`` UNet++ L^l
+      scripts/check_unetpp3d.py  refuses, in one line, to run without unetpp3d or with an older one
       docs/README.md           what it segments, how it was trained, its validation figures, how to run it
-      LICENSE                  a short licence notice
+      docs/license.txt         the licence notice, where the zoo keeps it
+      LICENSE                  the same notice
 
 ``inference.json`` is generated here, at export time, from the
 :class:`~unetpp3d.inference.predictor.Predictor` that ``unetpp3d infer --model CHECKPOINT`` would
@@ -38,14 +43,17 @@ which writes ``MASKS/<case>.nii.gz`` on each scan's own grid, as ``unetpp3d infe
 does (TTA on or off: ``--window_network#tta True|False``; fast mode: ``--window_network#prune_level 2``;
 fp32 where ``infer`` would use bf16: ``--window_network#amp False``, as ``--no-amp``).
 The ``$`` expressions are kept to what MONAI's runner needs: the device, the default folders,
-the weights path, ``"initialize"`` (seeding) and ``"run": ["$@evaluator.run()"]``. The workflow is
+the weights path, ``"initialize"`` (the unetpp3d check, seeding) and ``"run": ["$@evaluator.run()"]``.
+The workflow is
 :class:`BundleEvaluator`, a small loop with ``SupervisedEvaluator``'s argument names, because
 MONAI's own evaluator needs pytorch-ignite, which unetpp3d does not depend on.
 
-Metadata schema: ``metadata.json`` names MONAI's official schema URL in its ``schema`` field.
-:func:`verify_metadata` checks it offline against ``unetpp3d/resources/meta_schema.json``, a
-schema **written for unetpp3d from the metadata fields MONAI documents; it is our schema, not
-MONAI's official schema file**, so passing it does not prove conformance to MONAI's.
+Metadata schema: ``metadata.json`` names MONAI's official schema (``meta_schema_20240725.json``)
+in its ``schema`` field and fills every field that schema requires. :func:`verify_metadata` checks
+it offline with MONAI's ``verify_metadata``: by default against
+``unetpp3d/resources/meta_schema.json``, **unetpp3d's own schema, not MONAI's official file**
+(which unetpp3d does not ship); given a local copy of the official file, against that
+(tests/test_bundle.py does so when ``UNETPP3D_MONAI_META_SCHEMA`` names one).
 """
 
 from __future__ import annotations
@@ -60,14 +68,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from unetpp3d.bundle.configs import inference_config, metadata_config
+from unetpp3d.bundle import check_unetpp3d
+from unetpp3d.bundle.configs import CHECK_SCRIPT, inference_config, metadata_config
 from unetpp3d.bundle.readme import LICENSE_TEXT, LOGGING_CONF, _readme
+from unetpp3d.bundle.torchscript import save_torchscript
+from unetpp3d.bundle.train_configs import (
+    evaluate_config,
+    multi_gpu_train_config,
+    train_config,
+)
 from unetpp3d.errors import UserError
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
-from unetpp3d.model.portable import trace_modes
 
 log = logging.getLogger("unetpp3d")
 
@@ -85,21 +98,6 @@ def _check_plain_strings(obj: Any, where: str) -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _check_plain_strings(v, f"{where}[{i}]")
-
-
-def _torchscript(network: nn.Module, meta: dict[str, Any], inference: dict[str, Any], path: Path) -> None:
-    """Trace every inference mode into one device-neutral file; store metadata.json and inference.json inside.
-
-    ``forward`` is accurate mode and ``fast_l<l>`` the pruned network UNet++ L^l
-    (:func:`~unetpp3d.model.portable.trace_modes`). The trace is shape-generic, so the smallest
-    input the network accepts with more than one voxel at its deepest level is enough.
-    """
-    from monai.data import save_net_with_metadata
-
-    example = torch.zeros(1, int(network.model_args["in_channels"]), *(2 * d for d in network.size_divisor))
-    traced = trace_modes(network, example)
-    save_net_with_metadata(traced, str(path.with_suffix("")), include_config_vals=False, append_timestamp=False,
-                           meta_values=meta, more_extra_files={"inference.json": json.dumps(inference).encode()})
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -148,22 +146,28 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool 
     payload, ckpt = _load_payload(Path(model))
     predictor = _predictor(ckpt)
     inference = inference_config(predictor)
+    configs = {"inference.json": inference, "train.json": train_config(payload, predictor),
+               "multi_gpu_train.json": multi_gpu_train_config(), "evaluate.json": evaluate_config()}
     meta = metadata_config(payload, predictor, ckpt)
-    # Everything inference.json takes from the checkpoint is in the metadata too.
+    # Everything the configs take from the checkpoint is in the metadata too (train.json refers to it).
     _check_plain_strings({k: v for k, v in meta.items() if k != "schema"}, "metadata.json")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"  # mkdir, unlike mkdtemp, honours the umask
     stage.mkdir()
     try:
-        for sub in ("configs", "models", "docs"):
+        for sub in ("configs", "models", "docs", "scripts"):
             (stage / sub).mkdir()
         (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        (stage / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n", encoding="utf-8")
+        for name, config in configs.items():
+            (stage / "configs" / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (stage / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
         torch.save(predictor.network.state_dict(), stage / "models" / "model.pt")
-        _torchscript(predictor.network, meta, inference, stage / "models" / "model.ts")
+        save_torchscript(predictor.network, predictor.roi_size, meta, inference, stage / "models" / "model.ts")
+        # The check runs before unetpp3d is known to be importable, so the bundle carries its own copy.
+        shutil.copyfile(check_unetpp3d.__file__, stage / CHECK_SCRIPT)
         (stage / "docs" / "README.md").write_text(_readme(payload, predictor, meta, ckpt), encoding="utf-8")
+        (stage / "docs" / "license.txt").write_text(LICENSE_TEXT, encoding="utf-8")
         (stage / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
         if not out.exists():
             os.replace(stage, out)

@@ -6,7 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS, _version
+import unetpp3d
+from unetpp3d.bundle.check_unetpp3d import install_command
+from unetpp3d.bundle.configs import INTENDED_USE, LIMITATIONS
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.model.portable import fast_method_name, prune_levels
 from unetpp3d.tasks import task_rules
@@ -48,7 +50,7 @@ def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any],
         "",
         f"A 3D UNet++ that segments **{targets}** in CT scans, exported from `{source.parent.name}/{source.name}` "
         "by unetpp3d "
-        f"{_version('unetpp3d')}.",
+        f"{unetpp3d.__version__}.",
         "",
         "> **Research use only.** " + INTENDED_USE[len("Research only. "):],
         "",
@@ -100,17 +102,34 @@ def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any],
         "",
         LIMITATIONS,
         "",
-        "## How to run it",
+        "## What it needs",
         "",
-        "With MONAI alone (unetpp3d must be installed, since the configs name its network and transforms):",
+        f"The configs name unetpp3d's network and components, so unetpp3d {unetpp3d.__version__} or newer must be "
+        "installed beside MONAI, with MONAI's bundle tools (`fire`, `jsonschema`):",
+        "",
+        "```bash",
+        install_command(unetpp3d.__version__),
+        "```",
+        "",
+        "(from a clone of unetpp3d at that version: `pip install '.[bundle]'`). Every config's `initialize` first runs "
+        "`scripts/check_unetpp3d.py`, which stops the run with one line naming that command when unetpp3d is missing "
+        "or older; `python BUNDLE/scripts/check_unetpp3d.py` checks an environment alone.",
+        "",
+        "## How to run it",
         "",
         "```bash",
         "python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\",
         "    --dataset_dir SCANS --output_dir MASKS",
         "```",
         "",
-        "`SCANS` holds NIfTI/NRRD/MHA files or DICOM series folders; each mask is written as "
-        "`MASKS/<case>.nii.gz` on its scan's own grid. As exported, it runs the model's own inference settings: "
+        "`SCANS` holds NIfTI/NRRD/MHA files or DICOM series folders, or is a dataset root holding `imagesTs/` (as the "
+        "zoo's bundles take `dataset_dir`), whose scans are then segmented. Each mask is written as "
+        "`MASKS/<case>.nii.gz` on its scan's own grid, by MONAI's `SaveImaged` (so MONAI Label's post-filters apply), "
+        "named and written atomically as `unetpp3d infer` does"
+        + (", with each scan's nodule report beside it (`<case>.nodules.json` and `.csv`, as `unetpp3d infer` "
+           "writes them)" if predictor.rules.nodule_report else "")
+        + ". A folder without scans stops the run with one line saying so. As exported, it runs the model's own "
+        "inference settings: "
         f"test-time augmentation {'on' if predictor.tta else 'off'} (`--window_network#tta "
         f"{'False' if predictor.tta else 'True'}` to turn it {'off' if predictor.tta else 'on'}), "
         + (f"the pruned network UNet++ L^{predictor.prune_level} (`--window_network#prune_level None` for all heads)"
@@ -124,16 +143,75 @@ def _readme(payload: dict[str, Any], predictor: Predictor, meta: dict[str, Any],
         "format-1 bundles (exported before unetpp3d grouped its modules by stage), but their `inference.json` names "
         "components that moved: export a format-1 bundle again to run it with `python -m monai.bundle run`.",
         "",
-        "With unetpp3d (also writes nodule reports and previews):",
+        "With unetpp3d (also writes previews):",
         "",
         "```bash",
         "unetpp3d infer SCANS --out MASKS --model BUNDLE",
         "```",
         "",
         *_torchscript_section(predictor.network),
+        "",
+        "## How to train it",
+        "",
+        "```bash",
+        "python -m monai.bundle run --config_file BUNDLE/configs/train.json --bundle_root BUNDLE --dataset_dir DATA",
+        "```",
+        "",
+        "`DATA` is a dataset root holding `imagesTr/` and `labelsTr/` (images paired with labels by case name; "
+        "nnU-Net's `<case>_0000` image names too) or a datalist JSON (MSD/nnU-Net `dataset.json`, Auto3DSeg datalist, "
+        "unetpp3d manifest). Training is unetpp3d's own loop (not ignite) with this bundle's network, preprocessing "
+        "and training config; it starts from the weights in `models/model.pt` (`--pretrained False`: from the "
+        "network as built), validates every `val_interval` epochs and after the last, and writes the best validated "
+        "weights (the last ones without validation) back to `models/model.pt`, in the form `unetpp3d infer --model "
+        "BUNDLE` and `inference.json` read, and traces `models/model.ts` again. The run's log, `metrics.csv`, "
+        "checkpoints and TensorBoard go to `BUNDLE/train/` (`--output_dir`); an earlier run's are replaced. Without "
+        "`validate#dataset#data`, a share of the cases (the config's `data.validation_fraction`, or `--fold K`) "
+        "validates. Other settings: `--epochs N`, `--val_interval N`, `--config_overrides \"['train.lr=0.001', "
+        "'data.num_workers=2']\"` (as `unetpp3d train --set`). The preprocessing is the bundle's and cannot change "
+        "here: `inference.json` applies it to the weights trained. An interrupted run is not resumed: the next run "
+        "starts again from `models/model.pt`, which only a finished run replaces. `metadata.json` (its "
+        "`eval_metrics`) and this README still describe the exported weights after training.",
+        "",
+        "On several GPUs, one process each (the trainer joins torchrun's process group itself):",
+        "",
+        "```bash",
+        "torchrun --nproc_per_node=2 -m monai.bundle run \\",
+        "    --config_file \"['BUNDLE/configs/train.json','BUNDLE/configs/multi_gpu_train.json']\" "
+        "--bundle_root BUNDLE --dataset_dir DATA",
+        "```",
+        "",
+        "To score `models/model.pt` on labelled cases (every labelled case of `DATA`, segmented as `unetpp3d infer` "
+        "does; Dice, IoU, HD95 and surface Dice per class into `BUNDLE/eval/evaluation.json`):",
+        "",
+        "```bash",
+        "python -m monai.bundle run --config_file \"['BUNDLE/configs/train.json','BUNDLE/configs/evaluate.json']\" "
+        "\\",
+        "    --bundle_root BUNDLE --dataset_dir DATA",
+        "```",
+        "",
+        "MONAI Label trains a bundle through `train.json` (it sets `train#dataset#data`, `validate#dataset#data`, "
+        "`train#trainer#max_epochs` and `device`, which this trainer reads) and `multi_gpu_train.json`.",
+        "",
+        "## What has been checked",
+        "",
+        "`configs/metadata.json` fills every field MONAI's official metadata schema (`meta_schema_20240725.json`, named "
+        "in its `schema` field) requires. It can be validated offline with MONAI's `verify_metadata`:",
+        "",
+        "```bash",
+        "python -c \"from unetpp3d.bundle import verify_metadata; verify_metadata('BUNDLE')\"",
+        "```",
+        "",
+        "which checks it against unetpp3d's own schema (`unetpp3d/resources/meta_schema.json`), **not** MONAI's "
+        "official file: unetpp3d does not ship that file. To check against the official schema, pass a local copy "
+        "(`verify_metadata('BUNDLE', schema='meta_schema_20240725.json')`). This bundle was not validated at export. "
+        "unetpp3d's tests export bundles like this one and validate them against its own schema in every run, and "
+        "against a local copy of the official schema only where one is supplied "
+        "(`UNETPP3D_MONAI_META_SCHEMA`); they run `inference.json` and `train.json` under `python -m monai.bundle "
+        "run` on the CPU. Not checked: the model zoo's own CI, and any run on a GPU or under MONAI Label itself.",
+        "",
         "## Licence",
         "",
-        "See `LICENSE`.",
+        "See `docs/license.txt` (also at `LICENSE`).",
         "",
     ]
     return "\n".join(lines)

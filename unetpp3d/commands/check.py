@@ -21,7 +21,12 @@ from tqdm import tqdm
 
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.data.manifest import Case, load_manifest
-from unetpp3d.data.validation import CaseResult, default_fingerprint_path, fingerprint_of, inspect_case
+from unetpp3d.data.validation import (
+    CaseResult,
+    default_fingerprint_path,
+    fingerprint_of,
+    inspect_case,
+)
 from unetpp3d.errors import UserError, exit_status
 
 

@@ -21,10 +21,21 @@ import torch
 import yaml
 
 from unetpp3d.atomic import atomic_write_text
-from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict, load_config, task_config_path
+from unetpp3d.config import (
+    AUTO,
+    Config,
+    Preprocessing,
+    config_from_dict,
+    load_config,
+    task_config_path,
+)
 from unetpp3d.data.fingerprint import fingerprint_mismatch, read_fingerprint
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
-from unetpp3d.data.validation import default_fingerprint_path, fingerprint_of, inspect_case
+from unetpp3d.data.validation import (
+    default_fingerprint_path,
+    fingerprint_of,
+    inspect_case,
+)
 from unetpp3d.errors import UserError
 from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint

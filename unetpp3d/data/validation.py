@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d.data.fingerprint import case_files, case_fingerprint, combine_fingerprints, label_histogram
+from unetpp3d.data.fingerprint import (
+    case_files,
+    case_fingerprint,
+    combine_fingerprints,
+    label_histogram,
+)
 from unetpp3d.data.manifest import Case
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import align_label_to_image, check_pair

@@ -87,7 +87,9 @@ def _blank(ds: Any, keyword: str) -> bool:
 
 def _fill_identifiers(datasets: list[Any], source: Path) -> None:
     """Give every dataset the identifiers a SEG copies, from the meta header or derived (see the module)."""
-    from pydicom.uid import generate_uid  # optional dependency (the dicom extra), as highdicom
+    from pydicom.uid import (
+        generate_uid,  # optional dependency (the dicom extra), as highdicom
+    )
 
     for ds in datasets:
         meta = getattr(ds, "file_meta", None)

@@ -47,12 +47,17 @@ from unetpp3d.config import Config, Preprocessing
 from unetpp3d.data.loader import derive_seed, make_train_loader, make_val_loader
 from unetpp3d.data.manifest import Case
 from unetpp3d.data.transforms import pad_value
-from unetpp3d.hardware import autocast_dtype
 from unetpp3d.evaluation.metrics import dice_per_class
+from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import save_checkpoint
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
-from unetpp3d.training.rng import configure_determinism, rng_state, seed_everything, set_rng_state
+from unetpp3d.training.rng import (
+    configure_determinism,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from unetpp3d.training.runlog import RunLog
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
