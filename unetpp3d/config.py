@@ -10,6 +10,7 @@ array that the transforms produce.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,6 +94,10 @@ class TrainConfig:
     # them (UNetPlusPlus3D.checkpointing): less memory for large patches, a little more time.
     checkpointing: bool = False
     deterministic: bool = False
+    # A step whose loss is NaN or infinite is skipped; this many skipped steps in a row (or an
+    # epoch with no finite step, or non-finite weights) stop training with a one-line error and
+    # keep the last checkpoint whose weights are finite (unetpp3d.training.trainer).
+    max_nonfinite_steps: int = 5
 
 
 # The pruned UNet++ L^l that fast mode runs when infer.prune_level is null (capped at the depth).
@@ -172,6 +177,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf pass every range check below (NaN compares False)
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if origin is list or hint is list:
         if not isinstance(value, (list, tuple)):
@@ -211,8 +218,10 @@ def _validate(cfg: Config, source: str) -> None:
         raise bad(f"task {cfg.task!r} is not one of {', '.join(TASKS)}")
     if not cfg.model.features or any(f <= 0 for f in cfg.model.features):
         raise bad(f"model.features must be positive widths, got {cfg.model.features}")
-    if cfg.train.lr <= 0:
-        raise bad(f"train.lr must be positive, got {cfg.train.lr}")
+    if not cfg.train.lr > 0 or not math.isfinite(cfg.train.lr):  # NaN compares False with everything
+        raise bad(f"train.lr must be positive (and finite), got {cfg.train.lr}")
+    if cfg.train.max_nonfinite_steps < 1:
+        raise bad(f"train.max_nonfinite_steps must be at least 1, got {cfg.train.max_nonfinite_steps}")
     if cfg.train.epochs < 1 or cfg.train.iterations_per_epoch < 1 or cfg.train.val_every < 1:
         raise bad("train.epochs, train.iterations_per_epoch and train.val_every must be at least 1")
     if cfg.train.weight_decay < 0 or cfg.train.grad_clip < 0:

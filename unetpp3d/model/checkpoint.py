@@ -5,6 +5,9 @@ keys). It is written to a temporary file that is fsynced and renamed over the ta
 during a save leaves the previous checkpoint intact; and it is read with
 ``torch.load(weights_only=True)``, whose restricted unpickler refuses any object that would run
 code when loaded, so a checkpoint from an untrusted source cannot execute anything.
+
+Weights that are NaN or infinite (a diverged run) are refused both ways: such a model would
+segment nothing, or everything, without an error.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         The path written.
     """
     path = Path(path)
+    bad = non_finite_tensors(payload.get("state_dict") or {})
+    if bad:
+        raise UserError(f"{path}: not saved, the weights are not finite ({_named(bad)})")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
@@ -52,13 +58,15 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
 
     Raises:
         UserError: the file is missing, truncated or not a PyTorch file, or it pickles objects
-            other than plain types and tensors (which could run code, so they are refused).
+            other than plain types and tensors (which could run code, so they are refused), or
+            its weights (the ``state_dict``, or the file itself when it is a state dict) hold NaN
+            or infinite values.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint or weights file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path}: refused, it holds objects other than weights and plain values, which could "
                         f"run code when loaded ({_unpickling_reason(exc)}); only load checkpoints written by "
@@ -66,6 +74,30 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
                         f"it may be truncated or not a PyTorch file") from None
+    weights = loaded.get("state_dict") if isinstance(loaded, dict) and "state_dict" in loaded else loaded
+    bad = non_finite_tensors(weights) if isinstance(weights, dict) else []
+    if bad:
+        raise UserError(f"{path}: refused, its weights are not finite ({_named(bad)}); the run that wrote it "
+                        f"diverged; use an earlier checkpoint or retrain with a lower train.lr")
+    return loaded
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``state`` (a state dict) holding NaN or inf.
+
+    Args:
+        state: name -> tensor (other values are ignored).
+
+    Returns:
+        The offending names, in the state dict's order; empty when every weight is finite.
+    """
+    return [str(name) for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def _named(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return f"{len(names)} tensor(s): {shown}{' ...' if len(names) > 3 else ''}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

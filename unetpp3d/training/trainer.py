@@ -21,6 +21,12 @@ an uninterrupted run would have.
 Distributed: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) each process trains
 a :class:`~torch.nn.parallel.DistributedDataParallel` replica on its own patches (its sampling
 is seeded by rank), metrics are all-reduced, and only rank 0 writes files.
+
+Non-finite training: a step whose loss is NaN or infinite is skipped (no optimiser step).
+``train.max_nonfinite_steps`` skipped steps in a row, an epoch with no finite step, or weights
+that are no longer finite at an epoch's end stop the run with a one-line :class:`UserError`;
+``last.pt`` keeps the last epoch whose weights were finite, and ``best.pt`` is never replaced
+by a model with non-finite weights.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ from unetpp3d.config import Config, Preprocessing
 from unetpp3d.data.loader import derive_seed, make_train_loader, make_val_loader
 from unetpp3d.data.manifest import Case
 from unetpp3d.data.transforms import pad_value
+from unetpp3d.errors import UserError
 from unetpp3d.evaluation.metrics import dice_per_class
 from unetpp3d.hardware import autocast_dtype
-from unetpp3d.model.checkpoint import save_checkpoint
+from unetpp3d.model.checkpoint import non_finite_tensors, save_checkpoint
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
 from unetpp3d.training.rng import (
@@ -93,6 +100,8 @@ class Trainer:
     stop_signal: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # each finished epoch's row, on every rank
     _saved_epoch: int = 0  # the epoch last.pt holds
+    stop_reason: str | None = None  # why training diverged (non-finite loss or weights), if it did
+    _nonfinite_run: int = 0  # skipped (non-finite loss) steps in a row
     _owner_pid: int = 0
     _completed: bool = False
     _previous_handlers: dict = field(default_factory=dict)
@@ -124,6 +133,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             outputs = self.model(image)
         loss = self.loss_fn(outputs, label)
+        if not self._everywhere(bool(torch.isfinite(loss.detach()).all())):
+            # A NaN/inf loss would poison every weight through the optimiser step: skip the step
+            # (on every rank alike, or DDP would wait for a gradient all-reduce forever).
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -194,6 +208,9 @@ class Trainer:
             self.log.message(f"finished {self.cfg.train.epochs} epochs, {best}; run folder {self.folder}")
         else:
             why = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "an error"
+            if self.stop_reason is not None:
+                self.log.message(self.stop_reason)
+                why = "non-finite numbers"
             self.log.message(f"stopped by {why}; last.pt holds epoch {self._saved_epoch}; continue with "
                              f"`unetpp3d train --manifest ... --out {self.folder} --resume`")
         self.log.close()
@@ -211,6 +228,10 @@ class Trainer:
                 losses = self._train_epoch(epoch)
                 if losses is None:
                     break
+                if not losses or not self._everywhere(not non_finite_tensors(self.net.state_dict())):
+                    self._diverged(epoch, "no step of the epoch had a finite loss" if not losses
+                                   else "the weights are no longer finite")
+                    break
                 train_loss = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=self.device)
                 train_loss = float(self.dist.all_reduce(train_loss)) / self.dist.world_size
                 due = (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs
@@ -221,20 +242,39 @@ class Trainer:
                 self._completed = True
         finally:
             self.on_train_end()
+        if self.stop_reason is not None:
+            raise UserError(self.stop_reason)
         return self.stop_signal
 
+    def _everywhere(self, ok: bool) -> bool:
+        """``ok`` on every rank (one rank's NaN stops all of them at the same step)."""
+        if not self.dist.enabled:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.device)
+        return not int(self.dist.all_reduce(flag, op="max"))
+
+    def _diverged(self, epoch: int, why: str) -> None:
+        """Record why training stops on non-finite numbers; :meth:`fit` raises it after cleaning up."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.stop_reason = (
+            f"{self.folder}: training stopped in epoch {epoch + 1}: {why} (learning rate {lr:g}); the learning "
+            f"rate is too high (or not a number) or the data holds non-finite values; last.pt keeps epoch "
+            f"{self._saved_epoch}, whose weights are finite; lower train.lr and resume with --resume, or start again")
+
     def _train_epoch(self, epoch: int) -> list[float] | None:
-        """The epoch's training steps, or None when a signal stopped it part-way."""
+        """The epoch's finite step losses, or None when a signal or non-finite losses stopped it part-way."""
         seed_everything(derive_seed(self.cfg.train.seed, epoch, self.dist.rank))
         self.train_loader.set_epoch(epoch)
         self.model.train()
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", unit="batch",
                    leave=False, dynamic_ncols=True, disable=True if not self.dist.is_main else None)
-        losses: list[float] = []
+        losses: list[float] = []  # the finite ones; skipped steps have none
+        steps = 0
+        limit = self.cfg.train.max_nonfinite_steps
         start = time.perf_counter()
         batches = iter(self.train_loader)
         try:
-            while len(losses) < len(self.train_loader):
+            while steps < len(self.train_loader):
                 if self._should_stop():
                     return None
                 try:
@@ -243,8 +283,18 @@ class Trainer:
                     if self._should_stop():  # a worker process that the signal ended
                         return None
                     raise
-                losses.append(self.train_step(batch))
-                rate = len(losses) * self.cfg.data.batch_size / max(time.perf_counter() - start, 1e-9)
+                loss = self.train_step(batch)
+                steps += 1
+                if not math.isfinite(loss):
+                    self._nonfinite_run += 1
+                    if self._nonfinite_run >= limit:
+                        self._diverged(epoch, f"the loss was not finite for {self._nonfinite_run} steps in a row "
+                                              f"(train.max_nonfinite_steps={limit})")
+                        return None
+                    continue
+                self._nonfinite_run = 0
+                losses.append(loss)
+                rate = steps * self.cfg.data.batch_size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", patches_s=f"{rate:.1f}", refresh=False)
                 bar.update()
         finally:
