@@ -29,7 +29,7 @@ from unetpp3d.config import (
     load_config,
     task_config_path,
 )
-from unetpp3d.data.fingerprint import fingerprint_mismatch, read_fingerprint
+from unetpp3d.data.fingerprint import dataset_differences, fingerprint_mismatch, read_fingerprint
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
 from unetpp3d.data.validation import (
     default_fingerprint_path,
@@ -44,10 +44,12 @@ from unetpp3d.model.planning import plan
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
 from unetpp3d.training.rng import seed_everything
+from unetpp3d.training.runlock import LOCK_NAME, RunLock
 from unetpp3d.training.trainer import Trainer, build_trainer
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "split.json", "metrics.csv", "train.log", "curves.png",
-             "tensorboard")
+             "tensorboard", "dataset.fingerprint.json")
+RUN_FINGERPRINT = "dataset.fingerprint.json"  # the fingerprint of the run's cases when it started
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Plan:
     source: str  # where the config came from, for messages
     resume_payload: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    fingerprint: dict[str, Any] | None = None  # of train_cases + val_cases, from this run's read
 
 
 def _load_run_config(man: Manifest, config_path: Path | None, overrides: list[str]) -> tuple[Config, str]:
@@ -236,10 +239,10 @@ def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None
     """Check every case, fingerprint them and resolve the config's ``auto`` values (new runs)."""
     cases = [*plan_.train_cases, *plan_.val_cases]
     if plan_.resume_payload is not None:
-        _check_cases(man, cases)
+        plan_.fingerprint = _check_cases(man, cases)
     else:
         # All labelled cases, as nnU-Net does, so that every fold gets the same preprocessing.
-        fp = _checked_fingerprint(man, cases, fingerprint_path, plan_.notes)
+        fp = plan_.fingerprint = _checked_fingerprint(man, cases, fingerprint_path, plan_.notes)
         try:
             plan_.cfg, plan_.prep = plan(plan_.cfg, fp, man.labels, echo=plan_.notes.append)
         except UserError as exc:  # name the config the bad values came from
@@ -260,14 +263,33 @@ def _check_folder(folder: Path, resume: bool, force: bool) -> None:
         return
     if not folder.is_dir():
         raise UserError(f"--out {folder}: exists and is not a folder")
-    if any(folder.iterdir()) and not force:
+    if any(p.name != LOCK_NAME for p in folder.iterdir()) and not force:
         what = "a training run" if (folder / "last.pt").exists() or (folder / "metrics.csv").exists() else "files"
         raise UserError(f"--out {folder}: already holds {what}; choose another --out, continue it with --resume, "
                         f"or overwrite it with --force")
 
 
-def _claim_folder(folder: Path, resume: bool, force: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def _refuse_other_data(folder: Path, p: _Plan) -> None:
+    """On resume, refuse cases whose data differ from those the run started with (same names, other scans)."""
+    recorded_path = folder / RUN_FINGERPRINT
+    if not recorded_path.is_file():  # a run started before runs recorded their fingerprint
+        p.notes.append(f"resume: {recorded_path} missing; the cases could not be compared with the run's")
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{recorded_path}: unreadable ({exc}); it records the data the run started with") from None
+    diff = dataset_differences(recorded, p.fingerprint or {})
+    if diff:
+        raise UserError(f"--resume {folder}: the manifest's cases are not the data this run started with: "
+                        f"{'; '.join(diff)}; resume with the original data, or start a new run")
+
+
+def _claim_folder(folder: Path, resume: bool, force: bool, lock: RunLock) -> None:
+    # Locked before anything is written; checked again under the lock, since a run that held the
+    # folder until now may have filled it after the first check.
+    lock.acquire()
+    _check_folder(folder, resume, force)
     if force and not resume:
         # Only what a run writes: --force pointed at the wrong folder must not wipe other files.
         for name in RUN_FILES:
@@ -344,25 +366,35 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
     """
     overrides = list(overrides or [])
     dist, dev = Dist.from_env(device)
+    lock: RunLock | None = None
     try:
         man = load_manifest(manifest)
         p = _plan_run(man, Path(config_path) if config_path else None, Path(out_dir) if out_dir else None,
                       resume, fold, overrides)
         folder = Path(out_dir) if out_dir else Path(dist.broadcast(str(_default_run_dir(Path(manifest)))))
+        lock = RunLock(folder)
+        if folder.is_dir():  # another train in it is refused before anything else is read
+            _on_rank0(dist, lock.acquire)
         _on_rank0(dist, _check_folder, folder, resume, force)
         _resolve(p, man, Path(fingerprint_path) if fingerprint_path is not None else None)
         # Refuse a precision the device lacks before the run folder exists.
         autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
 
-        _on_rank0(dist, _claim_folder, folder, resume, force)
+        if resume:
+            _on_rank0(dist, _refuse_other_data, folder, p)
+        _on_rank0(dist, _claim_folder, folder, resume, force, lock)
         trainer = _build_trainer(p, folder, dist, dev)
         if dist.is_main:
+            if not resume:
+                atomic_write_text(folder / RUN_FINGERPRINT, _json(p.fingerprint))
             atomic_write_text(folder / "config.yaml", p.cfg.to_yaml())
             atomic_write_text(folder / "split.json", _json(p.split))
             for line in p.notes:
                 trainer.log.message(line)
         signum = trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
         dist.close()
     if signum is not None:
         raise SystemExit(128 + signum)

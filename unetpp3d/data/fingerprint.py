@@ -291,3 +291,42 @@ def fingerprint_mismatch(fp: dict[str, Any], cases: Sequence[Any], labels: dict[
                 path = (current or recorded or {}).get("path", "?")
                 return f"{case.name}'s {role} {path} has changed since (path, size or modification time)"
     return None
+
+
+# What a case's data is: a different scan under the same name differs in at least one of these.
+_CASE_FIELDS = ("spacing", "size", "axcodes", "intensity_min", "intensity_max", "label_volumes_ml",
+                "foreground_voxels")
+
+
+def dataset_differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 6) -> list[str]:
+    """How the cases of ``current`` differ from those of ``recorded``, one line each (empty: the same data).
+
+    Compares, per case name, what the data is (spacing, size, orientation, intensity range, label
+    volumes) and the files' sizes; a file that was only touched or copied (a new modification
+    time, the same bytes) is the same data and not a difference.
+
+    Args:
+        recorded: the fingerprint a run recorded when it started.
+        current: the fingerprint of the cases now.
+        limit: at most this many lines, the last one saying how many more there were.
+
+    Returns:
+        Lines such as ``"case003: spacing [0.8, 0.8, 2.5] -> [1.0, 1.0, 1.0]"``.
+    """
+    old = {str(c.get("name")): c for c in recorded.get("cases", []) if isinstance(c, dict)}
+    new = {str(c.get("name")): c for c in current.get("cases", []) if isinstance(c, dict)}
+    lines = [f"{name}: not in the recorded dataset" for name in sorted(set(new) - set(old))]
+    lines += [f"{name}: no longer in the dataset" for name in sorted(set(old) - set(new))]
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        for key in _CASE_FIELDS:
+            if a.get(key) != b.get(key):
+                lines.append(f"{name}: {key} {a.get(key)} -> {b.get(key)}")
+        files_a, files_b = a.get("files") or {}, b.get("files") or {}
+        for role in sorted(set(files_a) & set(files_b)):
+            size_a, size_b = files_a[role].get("size"), files_b[role].get("size")
+            if size_a != size_b:
+                lines.append(f"{name}: {role} file size {size_a} -> {size_b} bytes")
+    if len(lines) > limit:
+        lines = lines[:limit - 1] + [f"and {len(lines) - limit + 1} more difference(s)"]
+    return lines
