@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unetpp3d"
 # Lower layers never import higher ones. Shared leaves at the bottom, then the stages in the
 # order data flows through them, then the bundle and the commands that orchestrate them.
 LAYERS = [
-    {"errors"},
+    {"errors", "strictjson"},
     {"tasks", "geometry", "hardware", "atomic"},
     {"config", "preview"},
     {"imageio"},

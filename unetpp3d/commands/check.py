@@ -20,9 +20,11 @@ import numpy as np
 from tqdm import tqdm
 
 from unetpp3d.atomic import atomic_write_text
+from unetpp3d.data.leaks import leak_messages
 from unetpp3d.data.manifest import Case, load_manifest
 from unetpp3d.data.validation import (
     CaseResult,
+    Problem,
     default_fingerprint_path,
     fingerprint_of,
     inspect_case,
@@ -96,6 +98,9 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
         results.append((case, inspect_case(case, manifest.labels, series_uid, seed)))
 
     problems = [p for _, r in results for p in r.problems]
+    by_name = {c.name: c for c in cases}
+    problems += [Problem(name, by_name[name].image, message) for name, message in leak_messages(
+        {"training": manifest.training, "validation": manifest.validation or [], "test": manifest.test})]
     errors = [p for p in problems if p.severity == "error"]
     bad_cases = {p.case for p in errors}
     entries = [r.entry for _, r in results if r.entry is not None]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.config import (
     AUTO,
@@ -30,6 +31,7 @@ from unetpp3d.config import (
     task_config_path,
 )
 from unetpp3d.data.fingerprint import dataset_differences, fingerprint_mismatch, read_fingerprint
+from unetpp3d.data.leaks import leak_messages
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
 from unetpp3d.data.validation import (
     default_fingerprint_path,
@@ -238,6 +240,9 @@ def _plan_run(man: Manifest, config_path: Path | None, out_dir: Path | None, res
 def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None:
     """Check every case, fingerprint them and resolve the config's ``auto`` values (new runs)."""
     cases = [*plan_.train_cases, *plan_.val_cases]
+    leaks = leak_messages({"training": plan_.train_cases, "validation": plan_.val_cases})
+    if leaks:
+        _refuse_problems(man, [f"{name}: {message}" for name, message in leaks])
     if plan_.resume_payload is not None:
         plan_.fingerprint = _check_cases(man, cases)
     else:
@@ -276,7 +281,7 @@ def _refuse_other_data(folder: Path, p: _Plan) -> None:
         p.notes.append(f"resume: {recorded_path} missing; the cases could not be compared with the run's")
         return
     try:
-        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        recorded = strict_loads(recorded_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{recorded_path}: unreadable ({exc}); it records the data the run started with") from None
     diff = dataset_differences(recorded, p.fingerprint or {})

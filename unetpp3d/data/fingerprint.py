@@ -17,6 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry, align_label_to_image, check_pair
 from unetpp3d.imageio.readers import read_image
@@ -237,7 +238,7 @@ def read_fingerprint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        fp = json.loads(path.read_text(encoding="utf-8"))
+        fp = strict_loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such fingerprint file; write one with `unetpp3d check`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

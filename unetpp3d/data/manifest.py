@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
@@ -200,7 +201,7 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
 def _read_splits_final(path: Path) -> dict[int, Fold]:
     """nnU-Net v2's ``splits_final.json``: ``[{"train": [names], "val": [names]}, ...]``, fold k at index k."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: cannot read the cross-validation splits ({exc}); fix or remove the file") from None
     if not isinstance(data, list) or not data:
@@ -254,7 +255,7 @@ def load_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"{path}: manifest not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):

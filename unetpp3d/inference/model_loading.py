@@ -10,6 +10,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 from torch import nn
 
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.config import InferConfig, Preprocessing, config_from_dict
 from unetpp3d.errors import UserError
 from unetpp3d.model.checkpoint import (
@@ -95,7 +96,7 @@ def _load_bundle(folder: Path, trust_bundle: bool) -> tuple[nn.Module, dict[str,
     """
     meta_path = folder / "configs" / "metadata.json"
     try:
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        metadata = strict_loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{meta_path}: not readable JSON ({exc})") from None
     ours = metadata.get(BUNDLE_METADATA_KEY) if isinstance(metadata, dict) else None

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
@@ -99,7 +100,7 @@ def read_statistics_json(path: str | Path) -> list[ClassStatistics]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_loads(path.read_text(encoding="utf-8"))
         return [ClassStatistics(data["case"], int(v["label"]), name, int(v["voxels"]), float(v["volume_ml"]),
                                 v["mean_hu"], v["std_hu"]) for name, v in data["classes"].items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
