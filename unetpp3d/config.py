@@ -245,12 +245,36 @@ def _validate(cfg: Config, source: str) -> None:
         raise bad(f"data.intensity_stats must be 'auto' or [mean, std] with std > 0, got {cfg.data.intensity_stats}")
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of a config, refusing anchors and aliases.
+
+    An alias is a reference, so a few hundred bytes of nested aliases (a "billion laughs") stand
+    for gigabytes once the config is copied or written out; no config needs one.
+
+    Args:
+        text: the YAML text.
+        where: the file or flag it came from, for messages.
+
+    Raises:
+        UserError: not valid YAML, or it uses an anchor (``&name``) or alias (``*name``).
+    """
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise UserError(f"{where}: line {line}: YAML anchors and aliases (&{event.anchor}, *{event.anchor}) "
+                                f"are not allowed in configs; write the values out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: not valid YAML ({exc})") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=0.001"`` -> (["train", "lr"], 0.001); the value is parsed as YAML."""
     if "=" not in text:
         raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), load_yaml(raw, f"override {text!r}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> Config:
@@ -276,10 +300,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     try:
         return config_from_dict(data, str(path), overrides)
     except UserError as exc:

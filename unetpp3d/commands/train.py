@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
@@ -28,6 +27,7 @@ from unetpp3d.config import (
     Preprocessing,
     config_from_dict,
     load_config,
+    load_yaml,
     task_config_path,
 )
 from unetpp3d.data.fingerprint import dataset_differences, fingerprint_mismatch, read_fingerprint
@@ -76,7 +76,7 @@ def _load_run_config(man: Manifest, config_path: Path | None, overrides: list[st
         config_path = task_config_path(man.task)
     cfg = load_config(config_path, overrides)
     if man.task and cfg.task != man.task:
-        raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        raw = load_yaml(Path(config_path).read_text(encoding="utf-8"), str(config_path)) if config_path else {}
         explicit = (isinstance(raw, dict) and "task" in raw) or any(o.split("=", 1)[0].strip() == "task"
                                                                      for o in overrides)
         if explicit:

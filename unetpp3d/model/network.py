@@ -407,9 +407,36 @@ def network_from_checkpoint(payload: dict[str, Any], source: str | Path) -> UNet
         UserError: the model arguments are invalid or the weights do not fit them.
     """
     try:
+        _check_declared_size(payload)
         return UNetPlusPlus3D.from_checkpoint(payload)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise UserError(f"{source}: model arguments and weights do not fit ({str(exc).splitlines()[0]})") from None
+
+
+def _check_declared_size(payload: dict[str, Any]) -> None:
+    """Compare the network ``model_args`` declare with the weights before allocating it.
+
+    The network is built on the meta device (shapes, no memory), so a small file that declares
+    huge widths is refused before gigabytes are allocated for a network its weights cannot fill.
+
+    Raises:
+        ValueError: the declared network's parameters and buffers differ from the state dict's
+            (names or shapes), naming the sizes.
+    """
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"state_dict is a {type(state).__name__}, not a mapping of tensors")
+    with torch.device("meta"):
+        declared = UNetPlusPlus3D(**payload["model_args"]).state_dict()
+    wanted = sum(v.numel() for v in declared.values())
+    held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+    missing = [k for k in declared if k not in state]
+    wrong = [k for k in declared if k in state and (not isinstance(state[k], torch.Tensor)
+                                                      or tuple(state[k].shape) != tuple(declared[k].shape))]
+    if missing or wrong or wanted != held:
+        first = (missing or wrong or ["(sizes)"])[0]
+        raise ValueError(f"the arguments declare {wanted:,} weights ({wanted * 4 / 2**30:.2f} GiB in float32) but the "
+                         f"file holds {held:,}; first mismatch {first}; refused before building the network")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UNetPlusPlus3D:
