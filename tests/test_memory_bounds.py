@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from unetpp3d import UserError
+from unetpp3d import UserError, hardware
 from unetpp3d.config import load_config
+from unetpp3d.imageio.readers import read_image
 from unetpp3d.model.checkpoint import save_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D, load_model, network_from_checkpoint
+from unetpp3d.synth.phantom import write_dataset
 
 BOMB = """a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
 b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
@@ -69,3 +72,36 @@ def test_a_bundle_goes_through_the_same_size_check(tmp_path):
     state.pop(next(iter(state)))  # one tensor missing
     with pytest.raises(UserError, match="first mismatch"):
         network_from_checkpoint({"model_args": net.model_args, "state_dict": state}, tmp_path / "bundle")
+
+
+def _cgroup(tmp_path, monkeypatch, limit: str, usage: str, system: int | None = 64 * 2**30) -> None:
+    (tmp_path / "memory.max").write_text(limit + "\n")
+    (tmp_path / "memory.current").write_text(usage + "\n")
+    monkeypatch.setattr(hardware, "CGROUP_FILES", ((str(tmp_path / "memory.max"), str(tmp_path / "memory.current")),))
+    monkeypatch.setattr(hardware, "system_memory_available", lambda: system)
+
+
+def test_available_memory_is_bounded_by_the_cgroup_limit(tmp_path, monkeypatch):
+    _cgroup(tmp_path, monkeypatch, str(2**30), str(200 * 2**20))
+    assert hardware.available_memory() == 2**30 - 200 * 2**20
+    _cgroup(tmp_path, monkeypatch, "max", "0")  # no limit: the machine's memory
+    assert hardware.available_memory() == 64 * 2**30
+    _cgroup(tmp_path, monkeypatch, str(2**30), "0", system=None)
+    assert hardware.available_memory() == 2**30
+
+
+def test_reading_a_scan_counts_the_cgroup_limit(tmp_path, monkeypatch, make_image):
+    path = make_image("scan.nii.gz", np.zeros((32, 32, 32), np.int16))
+    _cgroup(tmp_path, monkeypatch, str(64 * 2**10), "0")  # 64 KiB left in the container
+    with pytest.raises(UserError, match=r"scan\.nii\.gz: reading it needs about .* only 64\.0 KiB"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("random_geometry", [False, True])
+def test_synth_refuses_a_size_that_does_not_fit_in_memory(tmp_path, monkeypatch, random_geometry):
+    monkeypatch.setattr(hardware, "available_memory", lambda: 2 * 2**30)
+    out = tmp_path / "synth"
+    with pytest.raises(UserError, match=r"--size 800: one phantom needs about \d+\.\d GiB .* only 2\.0 GiB"):
+        write_dataset("liver", 2, out, size=800, random_geometry=random_geometry)
+    assert not out.exists()
+    write_dataset("liver", 1, out, size=16)  # a size that fits is written

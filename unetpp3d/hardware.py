@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import re
 
@@ -147,3 +148,85 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         return False
     big = ctypes.c_int(2**31 - 1)
     return bool(mallopt(_M_MMAP_THRESHOLD, big)) and bool(mallopt(_M_TRIM_THRESHOLD, big))
+
+
+# cgroup v2, then v1: (limit file, usage file). A container's limit is not in /proc/meminfo.
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _read_int(path: str) -> int | None:
+    """An integer file's value; None when missing, unreadable or "max" (no limit)."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_memory_left() -> int | None:
+    """Bytes this process's cgroup may still allocate (limit minus usage), or None without a limit.
+
+    A v1 "no limit" is a huge number (about 2**63), which is returned as None too.
+    """
+    for limit_file, usage_file in CGROUP_FILES:
+        limit = _read_int(limit_file)
+        if limit is None or limit >= 1 << 60:
+            continue
+        usage = _read_int(usage_file) or 0
+        return max(limit - usage, 0)
+    return None
+
+
+def system_memory_available() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (free plus reclaimable), else free pages; None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation may use: the smaller of the machine's available memory and the cgroup's room.
+
+    Returns:
+        The bytes, or None where neither is known.
+    """
+    known = [n for n in (system_memory_available(), cgroup_memory_left()) if n is not None]
+    return min(known) if known else None
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def refuse_unless_memory(need: int, what: str, advice: str) -> None:
+    """Raise a :class:`UserError` with the estimate when ``need`` bytes exceed :func:`available_memory`.
+
+    Args:
+        need: the estimated peak, bytes.
+        what: the subject of the message, e.g. ``"scan.nii.gz: inference"``.
+        advice: what to do instead.
+
+    Raises:
+        UserError: more is needed than is available (machine or cgroup limit).
+    """
+    available = available_memory()
+    if available is not None and need > available:
+        raise UserError(f"{what} needs about {human_bytes(need)} of memory at its peak but only "
+                        f"{human_bytes(available)} is available (free memory and the cgroup limit); {advice}")

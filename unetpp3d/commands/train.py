@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.config import (
     AUTO,
@@ -43,6 +42,7 @@ from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import plan
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
 from unetpp3d.training.rng import seed_everything

@@ -17,10 +17,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from unetpp3d.strictjson import strict_loads
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry, align_label_to_image, check_pair
 from unetpp3d.imageio.readers import read_image
+from unetpp3d.strictjson import strict_loads
 
 FINGERPRINT_VERSION = 1
 

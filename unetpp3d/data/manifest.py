@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
+from unetpp3d.strictjson import strict_loads
 from unetpp3d.tasks import TASKS
 
 SPLITS_FILE = "splits_final.json"  # nnU-Net v2's name, read beside a manifest named dataset.json

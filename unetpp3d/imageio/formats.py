@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import fmt_values
+from unetpp3d.hardware import available_memory
 
 # The one list of image file suffixes that the readers accept, matched case-insensitively on the
 # file name: NIfTI, NRRD (attached or detached header), MetaImage (.mha or .mhd + data file), and
@@ -45,18 +46,8 @@ _PIXEL_BYTES = {
 
 
 def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation, or None where the OS does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    """Bytes of memory available to a new allocation (the machine's and the cgroup's), or None where unknown."""
+    return available_memory()
 
 
 def _human_bytes(n: float) -> str:

@@ -10,7 +10,6 @@ from typing import Any
 from monai.bundle import ConfigParser
 from torch import nn
 
-from unetpp3d.strictjson import strict_loads
 from unetpp3d.config import InferConfig, Preprocessing, config_from_dict
 from unetpp3d.errors import UserError
 from unetpp3d.model.checkpoint import (
@@ -19,6 +18,7 @@ from unetpp3d.model.checkpoint import (
     resolve_model_path,
 )
 from unetpp3d.model.network import network_from_checkpoint
+from unetpp3d.strictjson import strict_loads
 
 log = logging.getLogger("unetpp3d")
 

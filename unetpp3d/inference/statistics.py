@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d.strictjson import strict_loads
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
+from unetpp3d.strictjson import strict_loads
 
 STATISTICS_TABLE = "statistics.csv"
 

@@ -35,6 +35,7 @@ from scipy import ndimage
 from unetpp3d.data.manifest import write_manifest
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
+from unetpp3d.hardware import refuse_unless_memory
 from unetpp3d.imageio.writer import write_image, write_mask
 from unetpp3d.synth.anatomy import (
     AIR_HU,
@@ -215,6 +216,12 @@ def sample_geometry(task: str, seed: int, size: int = 96) -> dict:
             "patient_center": tuple(float(c) for c in center)}
 
 
+# Peak bytes per voxel of one phantom (float work arrays, label, the int16/uint8 copies written),
+# measured with tracemalloc at sizes 32 and 64 (19-23 B) plus ITK's copy on writing.
+SYNTH_BYTES_PER_VOXEL = 26
+RANDOM_GEOMETRY_GROWTH = 1.25 * 1.25
+
+
 def write_dataset(task: str, n_cases: int, out_dir: str | Path, seed: int = 0, size: int = 96,
                   random_geometry: bool = False) -> Path:
     """Write ``n_cases`` phantoms as NIfTI files plus a manifest, in the layout of the module docstring.
@@ -241,6 +248,10 @@ def write_dataset(task: str, n_cases: int, out_dir: str | Path, seed: int = 0, s
         raise UserError(f"--cases {n_cases}: need at least one case")
     if size < 16:
         raise UserError(f"--size {size}: phantoms need at least 16 voxels per axis")
+    # Random geometry draws up to 1.25x the voxels along each in-plane axis.
+    voxels = size**3 * (RANDOM_GEOMETRY_GROWTH if random_geometry else 1.0)
+    refuse_unless_memory(int(voxels * SYNTH_BYTES_PER_VOXEL), f"--size {size}: one phantom",
+                         "choose a smaller --size")
     out = Path(out_dir)
     n_test = int(round(0.2 * n_cases)) if n_cases >= 3 else 0
     training, test = [], []
