@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from unetpp3d import UserError, hardware
-from unetpp3d.config import load_config
+from unetpp3d.config import Preprocessing, load_config
 from unetpp3d.imageio.readers import read_image
+from unetpp3d.inference.memory import inference_peak_bytes
+from unetpp3d.inference.predictor import Predictor
 from unetpp3d.model.checkpoint import save_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D, load_model, network_from_checkpoint
 from unetpp3d.synth.phantom import write_dataset
@@ -105,3 +107,25 @@ def test_synth_refuses_a_size_that_does_not_fit_in_memory(tmp_path, monkeypatch,
         write_dataset("liver", 2, out, size=800, random_geometry=random_geometry)
     assert not out.exists()
     write_dataset("liver", 1, out, size=16)  # a size that fits is written
+
+
+def test_the_inference_estimate_covers_the_inverse_resampling_peak():
+    # The reported case: a 600x600x900 scan passed 13.7 GB during the inverse resampling.
+    need = inference_peak_bytes((600, 600, 900), (300, 300, 450), num_classes=2)
+    assert 12 * 2**30 <= need <= 20 * 2**30
+    assert inference_peak_bytes((64, 64, 64), (32, 32, 32), 3) > inference_peak_bytes((64, 64, 64), (32, 32, 32), 2)
+
+
+def test_infer_refuses_a_scan_whose_pipeline_does_not_fit_before_running_windows(make_image, monkeypatch):
+    scan = make_image("big.nii.gz", np.full((32, 32, 32), -1000, np.int16), spacing=(2.0, 2.0, 2.0))
+    prep = Preprocessing(task="liver", labels={"0": "background", "1": "liver"}, target_spacing=[8.0, 8.0, 8.0],
+                         intensity_range=[-1000.0, 1000.0], intensity_stats=[0.0, 100.0], patch_size=[32, 32, 32])
+    predictor = Predictor(_small().eval(), prep, device="cpu", overlap=0.0, progress=False)
+    need = inference_peak_bytes((32, 32, 32), (8, 8, 8), 2)
+    ran = []
+    monkeypatch.setattr(predictor, "inferer", lambda *a: ran.append(1))
+    monkeypatch.setattr(hardware, "available_memory", lambda: need - 1)
+    with pytest.raises(UserError, match=rf"big\.nii\.gz: inference \(32x32x32 voxels as read.*needs about "
+                                        rf"{hardware.human_bytes(need)}"):
+        predictor.predict(scan)
+    assert ran == []

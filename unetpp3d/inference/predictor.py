@@ -44,6 +44,7 @@ from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.hardware import autocast_dtype, resolve_device
 from unetpp3d.imageio.readers import SitkReader, read_image
+from unetpp3d.inference.memory import check_inference_memory
 from unetpp3d.inference.model_loading import (
     _load_model,
     _preprocessing_differences,
@@ -409,6 +410,8 @@ class Predictor:
         data, image_xyz, geometry = self._load(path)
         image = data["image"]
         resampled = [int(v) for v in image.shape[1:]]
+        # The peak is the inverse resampling, after the windows: refuse before spending them.
+        check_inference_memory(path.name, geometry.size, resampled, self.prep.num_classes)
         loaded = time.perf_counter()
 
         stitch, why = self._stitch_device([image.shape[1:], geometry.size])
