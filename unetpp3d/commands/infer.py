@@ -23,6 +23,7 @@ from unetpp3d import __version__
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.config import INFER_MODES
 from unetpp3d.data.manifest import case_name
+from unetpp3d.data.plausibility import scan_warnings
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.imageio.dicom_seg import require_highdicom, write_dicom_seg
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
@@ -175,6 +176,11 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
             p.unlink(missing_ok=True)
         raise
     voxels = int(np.count_nonzero(result.mask_xyz))
+    # Segmented all the same, but a result on such an input is likely meaningless: say so.
+    warnings = scan_warnings(result.image_xyz, result.geometry)
+    for w in warnings:
+        log.warning("%s: %s", case.name, w)
+    note = "; ".join([*(f"warning: {w}" for w in warnings), *([note] if note else [])])
     outcome = _Outcome(case.name, "ok", result.seconds, voxels, voxels * result.geometry.voxel_volume_ml(), note)
     return outcome, rows
 

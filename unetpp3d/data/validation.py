@@ -15,6 +15,7 @@ from unetpp3d.data.fingerprint import (
     label_histogram,
 )
 from unetpp3d.data.manifest import Case
+from unetpp3d.data.plausibility import scan_warnings
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import align_label_to_image, check_pair
 from unetpp3d.imageio.readers import read_image
@@ -80,6 +81,9 @@ def inspect_case(case: Case, labels: dict[int, str], series_uid: str | None = No
         image, geom = read_image(case.image, series_uid=series_uid)
     except UserError as exc:
         problems.append(Problem(case.name, case.image, str(exc)))
+    else:
+        problems += [Problem(case.name, case.image, f"{case.image}: {w}", severity="warning")
+                     for w in scan_warnings(image, geom)]
     if case.label is not None:
         try:
             label, lgeom = read_image(case.label, is_label=True)
