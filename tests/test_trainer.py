@@ -178,6 +178,14 @@ def test_resume_with_the_first_runs_command_line(phantoms, tmp_path):
     run_training(phantoms, SMOKE, run, resume=True, device="cpu",
                  overrides=TINY + ["train.epochs=2", "train.iterations_per_epoch=1"])  # --set still changes values
     assert last_epoch(run) == 2 and "resuming at epoch 2/2" in (run / "train.log").read_text()
+    # What the restored weights, optimiser and schedule cannot honour is refused, not silently ignored.
+    for change, named in [("train.lr=0.5", r"train\.lr: 0\.5 here, 0\.01 in the run"),
+                          ("model.features=[4,8,32]", r"model\.features: \[4, 8, 32\] here, \[4, 8, 16\]"),
+                          ("train.optimizer=adamw", r"train\.optimizer: 'adamw' here, 'sgd' in the run")]:
+        with pytest.raises(UserError, match=named + r".*Start a new run"):
+            run_training(phantoms, SMOKE, run, resume=True, device="cpu",
+                         overrides=TINY + ["train.epochs=3", "train.iterations_per_epoch=1", change])
+    assert last_epoch(run) == 2
 
     other = tmp_path / "other.yaml"
     other.write_text(SMOKE.read_text().replace("lr: 0.01", "lr: 0.02").replace("overlap: 0.25", "overlap: 0.5"))

@@ -123,6 +123,25 @@ def _refuse_another_config(man: Manifest, config_path: Path, overrides: list[str
                         f"run in another --out")
 
 
+# What --set may change when a run resumes: how long and how often it runs, and how data are
+# loaded. Everything else is restored from last.pt (weights, optimiser state, schedule, planned
+# preprocessing) and would either not fit the weights or silently not take effect.
+RESUMABLE_KEYS = ("train.epochs", "train.val_every", "train.compile", "train.checkpointing", "train.deterministic",
+                  "train.max_nonfinite_steps", "data.num_workers", "data.cache", "data.cache_dir", "infer.")
+
+
+def _refuse_unresumable_changes(requested: Config, run: Config, out_dir: Path) -> None:
+    """Refuse ``--set`` values on resume that the restored run cannot honour, naming them."""
+    mine, theirs = _flatten(requested.to_dict()), _flatten(run.to_dict())
+    changed = [f"{key}: {value!r} here, {theirs.get(key)!r} in the run" for key, value in mine.items()
+               if value != theirs.get(key) and not key.startswith(RESUMABLE_KEYS)]
+    if changed:
+        raise UserError(f"--resume {out_dir}: {'; '.join(changed[:8])}: a resumed run keeps its network, optimiser, "
+                        f"schedule and preprocessing (from last.pt), so these cannot change; only "
+                        f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)} "
+                        "can. Start a new run in another --out to change them")
+
+
 def _cases_from_split(man: Manifest, split: dict[str, Any], source: Path) -> tuple[list[Case], list[Case]]:
     by_name = {c.name: c for c in [*man.training, *(man.validation or [])]}
     missing = [n for n in [*split["training"], *split["validation"]] if n not in by_name]
@@ -217,6 +236,7 @@ def _plan_run(man: Manifest, config_path: Path | None, out_dir: Path | None, res
             _refuse_another_config(man, config_path, overrides, config_from_dict(payload["config"], str(last)),
                                    out_dir)
         cfg = config_from_dict(payload["config"], str(last), overrides)
+        _refuse_unresumable_changes(cfg, config_from_dict(payload["config"], str(last)), out_dir)
         prep = Preprocessing.from_dict(payload["preprocessing"])
         if {int(k): v for k, v in prep.labels.items()} != man.labels:
             raise UserError(f"{man.path}: labels {man.labels} differ from the run's {prep.labels}; resume with the "
