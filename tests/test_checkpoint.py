@@ -107,7 +107,7 @@ def test_failed_rename_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         raise OSError("simulated crash at rename")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(UserError, match=r"last\.pt: could not write the file \(simulated crash at rename\)"):
         save_checkpoint(path, payload(2.0))
     monkeypatch.undo()
     torch.testing.assert_close(load_checkpoint(path)["state_dict"]["w"], torch.full((10,), 1.0))

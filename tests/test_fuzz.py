@@ -409,10 +409,9 @@ def test_truncated_by_one_byte_is_refused(seeds, tmp_path, variant):
     (name, data), = seeds[variant].items()
     path = tmp_path / name
     path.write_bytes(data[:-1])
-    if variant == "nrrd-gzip":
-        # Only the gzip trailer (CRC, length) loses a byte: every voxel is still there.
-        np.testing.assert_array_equal(read_image(path)[0], VOLUME)
-        return
+    # For nrrd-gzip only the gzip trailer (CRC, length) loses a byte: every voxel is still there,
+    # but a stream that stops before its end is refused like a truncated .nii.gz, whose check
+    # is that trailer; a write cut short on a full disk looks exactly like this.
     with pytest.raises(UserError, match="truncated|corrupt"):
         read_image(path)
 
@@ -484,6 +483,199 @@ def test_dicom_element_longer_than_its_file_is_refused_before_gdcm_allocates_it(
     (series / "s2.dcm").write_bytes(seeds["dicom-series"]["s2.dcm"][:-10])
     with pytest.raises(UserError, match=r"s2\.dcm: damaged DICOM file"):
         read_image(series)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detached headers: read only the one data file beside the header, whatever the header says
+# ---------------------------------------------------------------------------------------------
+
+SECRET = b"\xab" * 4096  # bytes outside the header's folder: a read must never return them
+DETACHED_VOXELS = bytes(range(24))
+DATA_TARGETS = ["beside", "beside-short", "beside-long", "subfolder", "parent", "absolute-outside",
+                "symlink-outside", "symlink-beside", "fifo", "device", "missing", "folder", "LIST", "pattern",
+                "dotdot-back-inside", "self"]
+NAME_TEXT = st.sampled_from(["data.raw", "scan 1.raw", "Ωmega çt.raw", "d.img", "x.nii.gz", "-", "a:b.raw"])
+
+
+def _detached_case(folder: Path, fmt: str, target: str, name: str, key: str) -> Path:
+    """A header (``fmt`` "mhd" or "nhdr") naming a data file that is ``target``; returns the header."""
+    outside = folder / "outside"
+    header_dir = folder / "header dir"
+    outside.mkdir(parents=True)
+    header_dir.mkdir()
+    (outside / "secret.bin").write_bytes(SECRET)
+    data = {"beside-short": DETACHED_VOXELS[:7], "beside-long": DETACHED_VOXELS + b"\0" * 9}.get(target,
+                                                                                               DETACHED_VOXELS)
+    header = header_dir / ("scan.mhd" if fmt == "mhd" else "scan.nhdr")
+    field = {"subfolder": f"sub/{name}", "parent": "../outside/secret.bin",
+             "absolute-outside": str(outside / "secret.bin"), "LIST": "LIST", "pattern": "slice%03d.raw 1 3 1",
+             "dotdot-back-inside": f"../header dir/{name}", "self": header.name}.get(target, name)
+    if target in ("beside", "beside-short", "beside-long", "dotdot-back-inside"):
+        (header_dir / name).write_bytes(data)
+    elif target == "subfolder":
+        (header_dir / "sub").mkdir()
+        (header_dir / "sub" / name).write_bytes(data)
+    elif target == "symlink-outside":
+        (header_dir / name).symlink_to(outside / "secret.bin")
+    elif target == "symlink-beside":
+        (header_dir / "real.raw").write_bytes(data)
+        (header_dir / name).symlink_to(header_dir / "real.raw")
+    elif target == "fifo":
+        os.mkfifo(header_dir / name)
+    elif target == "device":
+        (header_dir / name).symlink_to("/dev/zero")
+    elif target == "folder":
+        (header_dir / name).mkdir()
+    if fmt == "mhd":
+        text = (f"ObjectType = Image\nNDims = 3\nDimSize = 2 3 4\nElementType = MET_UCHAR\nElementSpacing = 1 1 1\n"
+                f"{key} {field}\n")
+    else:
+        text = f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 3 4\nspacings: 1 1 1\nencoding: raw\n{key} {field}\n"
+    header.write_bytes(text.encode("utf-8"))
+    return header
+
+
+def _fuzz_detached(folder: Path, fmt: str, target: str, name: str, key: str, counter: list[int]) -> None:
+    counter[0] += 1
+    header = _detached_case(folder / f"case {counter[0]}", fmt, target, name, key)
+    if read_outcome(header, f"detached {fmt}") == "read":
+        array = read_image(header)[0]
+        raw = array.transpose(2, 1, 0).tobytes()
+        assert b"\xab" not in raw, f"{header}: read bytes from outside its folder ({target})"
+        assert raw == DETACHED_VOXELS, (target, raw)
+        assert target in ("beside", "beside-long", "subfolder", "symlink-beside", "dotdot-back-inside"), target
+    elif name != "-" and not (fmt == "nhdr" and ":" in name):
+        # "-" is standard input (refused, never read); teem cannot open a name with a colon
+        assert target not in ("beside", "symlink-beside"), f"{header}: a valid detached pair was refused"
+
+
+MHD_KEYS = st.sampled_from(["ElementDataFile =", "ElementDataFile:", "ElementDataFile  =  ", "ElementDataFile="])
+NHDR_KEYS = st.sampled_from(["data file:", "datafile:", "DATA FILE:", "Data File:"])
+
+
+@pytest.mark.parametrize("fmt", ["mhd", "nhdr"])
+def test_detached_headers_read_only_the_data_file_beside_them(tmp_path, fmt):
+    counter, seen = [0], set()
+
+    @settings(max_examples=QUICK_IMAGES * 2, **QUICK)
+    @given(target=st.sampled_from(DATA_TARGETS), name=NAME_TEXT, key=MHD_KEYS if fmt == "mhd" else NHDR_KEYS)
+    def run(target, name, key):
+        seen.add(target)
+        _fuzz_detached(tmp_path, fmt, target, name, key, counter)
+
+    run()
+    assert seen == set(DATA_TARGETS)  # the quick run (always the same) tries every kind of target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["mhd", "nhdr"])
+def test_detached_headers_long_run(tmp_path, fmt):
+    counter = [0]
+
+    @seed(FUZZ_SEED)
+    @settings(max_examples=SLOW_IMAGES, **SETTINGS)
+    @given(target=st.sampled_from(DATA_TARGETS), name=NAME_TEXT, key=MHD_KEYS if fmt == "mhd" else NHDR_KEYS)
+    def run(target, name, key):
+        _fuzz_detached(tmp_path, fmt, target, name, key, counter)
+
+    run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names: any chain of suffixes before the format's own is written whole, under that name
+# ---------------------------------------------------------------------------------------------
+
+NAME_PARTS = st.sampled_from(["img", "hdr", "nii", "gz", "part", "nrrd", "mha", "mhd", "tar", "x", "Ωm", "a b", "",
+                              "IMG", "NII"])
+MASK_VOLUME = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 3).astype(np.uint8)
+
+
+def _fuzz_output_name(folder: Path, parts: list[str], suffix: str, counter: list[int]) -> None:
+    from unetpp3d.geometry import Geometry
+    from unetpp3d.imageio.writer import write_mask
+
+    counter[0] += 1
+    out = folder / f"{counter[0]}"
+    out.mkdir()
+    name = ".".join(["m", *parts]) + suffix
+    grid = Geometry((4, 5, 6), (0.5, 0.6, 2.0), (1.0, 2.0, 3.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
+    write_mask(MASK_VOLUME, grid, out / name)
+    assert [p.name for p in out.iterdir()] == [name]
+    array, geometry = read_image(out / name, is_label=True)
+    np.testing.assert_array_equal(array, MASK_VOLUME)
+    assert geometry.same_grid(grid)
+    TALLY[("output name", "written")] += 1
+
+
+def test_output_names_with_any_suffixes_are_written_whole(tmp_path):
+    counter = [0]
+
+    @settings(max_examples=QUICK_IMAGES * 2, **QUICK)
+    @given(parts=st.lists(NAME_PARTS, max_size=4), suffix=st.sampled_from([".nii.gz", ".nii", ".nrrd", ".mha"]))
+    def run(parts, suffix):
+        _fuzz_output_name(tmp_path, parts, suffix, counter)
+
+    run()
+
+
+@pytest.mark.slow
+def test_output_names_long_run(tmp_path):
+    counter = [0]
+
+    @seed(FUZZ_SEED)
+    @settings(max_examples=SLOW_IMAGES, **SETTINGS)
+    @given(parts=st.lists(NAME_PARTS, max_size=6), suffix=st.sampled_from([".nii.gz", ".nii", ".nrrd", ".mha"]))
+    def run(parts, suffix):
+        _fuzz_output_name(tmp_path, parts, suffix, counter)
+
+    run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-regular files wherever a file is read
+# ---------------------------------------------------------------------------------------------
+
+NON_REGULAR = ["fifo", "/dev/zero", "/dev/null", "folder", "dangling link"]
+READERS = {
+    "image": lambda p: read_image(p),
+    "label": lambda p: read_image(p, is_label=True),
+    "manifest": lambda p: load_manifest(p),
+    "config": lambda p: __import__("unetpp3d.config", fromlist=["load_config"]).load_config(p),
+    "checkpoint": lambda p: __import__("unetpp3d.model.checkpoint", fromlist=["load_checkpoint"]).load_checkpoint(p),
+}
+
+
+def _fuzz_non_regular(folder: Path, kind: str, role: str, suffix: str, counter: list[int]) -> None:
+    counter[0] += 1
+    path = folder / f"{counter[0]}{suffix}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "dangling link":
+        path.symlink_to(folder / "nowhere")
+    else:
+        path.symlink_to(kind)
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    try:
+        with pytest.raises(UserError) as info:
+            READERS[role](path)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    TALLY[("non-regular file", "refused")] += 1
+
+
+def test_non_regular_files_are_refused_wherever_a_file_is_read(tmp_path):
+    counter = [0]
+
+    @settings(max_examples=QUICK_IMAGES * 2, **QUICK)
+    @given(kind=st.sampled_from(NON_REGULAR), role=st.sampled_from(sorted(READERS)),
+           suffix=st.sampled_from([".nii.gz", ".nrrd", ".mha", ".json", ".yaml", ".pt", ".dcm", ""]))
+    def run(kind, role, suffix):
+        _fuzz_non_regular(tmp_path, kind, role, suffix, counter)
+
+    run()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -523,3 +524,166 @@ def test_every_format_reads_and_writes_under_unicode_paths_with_spaces(tmp_path,
         np.testing.assert_array_equal(array, volume)
     mask = write_mask(array > 0, geometry, folder / "masks ü" / "scan 1.nii.gz")
     np.testing.assert_array_equal(read_image(mask, is_label=True)[0], (array > 0).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: every command ends in one line and a non-zero status, and leaves no partial file
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_partial_files(folder: Path) -> None:
+    """Every file under its final name is whole; no temporary is left behind."""
+    for path in folder.rglob("*"):
+        assert ".part" not in path.name, path
+        if path.is_file() and path.name.endswith(".nii.gz"):
+            read_image(path)
+
+
+def _full_disk(monkeypatch) -> None:
+    """Make every fsync report a full disk, as a filesystem with delayed allocation does."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def test_a_full_disk_during_infer_fails_the_case_and_writes_no_mask(model, scans, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "masks"
+    _full_disk(monkeypatch)
+    assert run_inference([scans / "case00.nii.gz"], out, model=model, device="cpu") == 1
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "could not write the file" in printed and "No space left" in printed
+    assert not list(out.glob("*.nii.gz")) and not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_a_full_disk_during_export_bundle_is_one_line(model, tmp_path, monkeypatch, capsys):
+    _full_disk(monkeypatch)
+    err = cli_error(["export-bundle", "--model", str(model), "--out", str(tmp_path / "bundle")], capsys)
+    assert "could not write the file" in err and "No space left" in err and ".part" not in err
+    assert not any(tmp_path.iterdir())  # neither the bundle nor its staging folder
+
+
+def test_a_full_disk_during_train_is_one_line(tmp_path, monkeypatch, capsys):
+    from unetpp3d.synth.phantom import write_dataset
+
+    manifest = write_dataset("liver", 3, tmp_path / "data", size=32)
+    _full_disk(monkeypatch)
+    run = tmp_path / "run"
+    err = cli_error(["train", "--manifest", str(manifest), "--config", str(SMOKE), "--out", str(run), "--device",
+                     "cpu", *[a for o in TINY + ["train.epochs=1"] for a in ("--set", o)]], capsys)
+    assert f"{run}" in err and "could not write the file" in err
+    assert not (run / "last.pt").exists()
+    _no_partial_files(run)
+
+
+def test_a_full_disk_during_synth_check_and_evaluate_is_one_line(tmp_path, monkeypatch, capsys):
+    from unetpp3d.synth.phantom import write_dataset
+
+    manifest = write_dataset("liver", 3, tmp_path / "data", size=16)
+    with monkeypatch.context() as patch:
+        _full_disk(patch)
+        assert "could not write" in cli_error(["synth", "--out", str(tmp_path / "more"), "--cases", "2", "--size",
+                                               "16"], capsys)
+        assert "fingerprint.json: could not write" in cli_error(["check", "--manifest", str(manifest)], capsys)
+        assert "scores.csv: could not write" in cli_error(
+            ["evaluate", "--pred", str(tmp_path / "data" / "labelsTr"), "--ref", str(manifest), "--out",
+             str(tmp_path / "scores.csv")], capsys)
+    assert not (tmp_path / "more" / "manifest.json").exists()
+    _no_partial_files(tmp_path)
+
+
+def _file_size_limit(limit: int):
+    """A child process whose writes past ``limit`` bytes fail (EFBIG), as they would on a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_real_short_writes_through_every_command(model, scans, tmp_path):
+    """The kernel itself refusing bytes (a file-size limit): ITK's NIfTI writer returns as if all went well."""
+    synth = unetpp3d("synth", "--out", tmp_path / "data", "--cases", "3", "--size", "32",
+                     preexec_fn=_file_size_limit(20_000))
+    assert synth.returncode == 2 and "could not write the file" in _one_error_line(synth)
+    _no_partial_files(tmp_path / "data")
+
+    masks = tmp_path / "masks"
+    infer = unetpp3d("infer", scans / "case00.nii.gz", "--out", masks, "--model", model, "--device", "cpu",
+                     preexec_fn=_file_size_limit(300))
+    assert infer.returncode == 1 and "could not write the file" in infer.stdout, infer.stdout + infer.stderr
+    assert not masks.exists() or not any(masks.iterdir())
+
+    manifest = tmp_path / "ok" / "manifest.json"
+    assert unetpp3d("synth", "--out", manifest.parent, "--cases", "3", "--size", "32").returncode == 0
+    run = tmp_path / "run"
+    train = unetpp3d("train", "--manifest", manifest, "--config", SMOKE, "--out", run, "--device", "cpu",
+                     *[a for o in TINY + ["train.epochs=1"] for a in ("--set", o)],
+                     preexec_fn=_file_size_limit(20_000))
+    assert train.returncode == 2 and "last.pt: could not write the file" in _one_error_line(train)
+
+    bundle = unetpp3d("export-bundle", "--model", model, "--out", tmp_path / "bundle",
+                      preexec_fn=_file_size_limit(20_000))
+    assert bundle.returncode == 2 and "could not write the file" in _one_error_line(bundle)
+    assert not (tmp_path / "bundle").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# FIFOs and devices anywhere a file is read: one line, never a hang
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli_within(args: list[str], timeout: float = 60) -> int:
+    """Run the command line in a thread: a regression that blocks on a FIFO fails here instead of hanging."""
+    from unetpp3d.commands.cli import main
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            main(args)
+        except SystemExit as exc:
+            outcome["code"] = exc.code
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        pytest.fail(f"unetpp3d {' '.join(args)} blocked for {timeout} s")
+    return outcome.get("code", 0)
+
+
+def test_fifos_and_devices_are_refused_wherever_a_file_is_read(model, scan, tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    fifo.mkdir()
+    for name in ("scan.nii.gz", "manifest.json", "config.yaml", "model.pt", "mask.nii.gz", "scan.mhd"):
+        os.mkfifo(fifo / name)
+    (fifo / "scan.raw").symlink_to("/dev/zero")
+    out = tmp_path / "out"
+
+    def refused(args: list[str], code: int = 2) -> str:
+        assert _cli_within([str(a) for a in args]) == code
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return captured.out + captured.err
+
+    assert "FIFO" in refused(["infer", fifo / "scan.nii.gz", "--out", out, "--model", model, "--device", "cpu"], 1)
+    assert "FIFO" in refused(["infer", fifo / "manifest.json", "--out", out, "--model", model, "--device", "cpu"], 1)
+    assert "named pipe" in refused(["check", "--manifest", fifo / "manifest.json"])
+    assert "named pipe" in refused(["train", "--manifest", fifo / "manifest.json", "--out", out])
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "task": "liver",
+                                    "training": [{"image": str(fifo / "scan.nii.gz"), "label": str(scan)}]}))
+    assert "named pipe" in refused(["check", "--manifest", manifest], 1)  # reported as the case's problem
+    assert "named pipe" in refused(["train", "--manifest", manifest, "--config", fifo / "config.yaml", "--out", out])
+    assert "named pipe" in refused(["infer", scan, "--out", out, "--model", fifo / "model.pt", "--device", "cpu"])
+    assert "FIFO" in refused(["evaluate", "--pred", fifo / "mask.nii.gz", "--ref", scan])
+    (fifo / "scan.mhd").unlink()
+    (fifo / "scan.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_SHORT\n"
+                                   "ElementDataFile = scan.raw\n")
+    assert "/dev/zero" in refused(["infer", fifo / "scan.mhd", "--out", out, "--model", model, "--device", "cpu"], 1)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import ONE_THREAD
 
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry, align_label_to_image, axis_mapping, check_pair
@@ -311,6 +317,339 @@ def test_gantry_tilt_is_refused(tmp_path):
 
 def test_single_file_series_is_2d(tmp_path):
     refused(write_dicom_series(tmp_path / "one", n=1), "single 2D slice")
+
+
+def drop_pixel_spacing(path: Path) -> None:
+    """Rename the file's PixelSpacing (0028,0030) element to (0028,0031): still valid DICOM, no pixel size."""
+    data = bytearray(path.read_bytes())
+    pos = data.find(b"\x28\x00\x30\x00")
+    while pos >= 0:
+        explicit = data[pos + 4:pos + 6] == b"DS"
+        length = int.from_bytes(data[pos + 6:pos + 8] if explicit else data[pos + 4:pos + 8], "little")
+        value = bytes(data[pos + 8:pos + 8 + length])
+        if 0 < length <= 64 and value.count(b"\\") == 1:
+            data[pos + 2] = 0x31
+            path.write_bytes(bytes(data))
+            return
+        pos = data.find(b"\x28\x00\x30\x00", pos + 1)
+    raise AssertionError(f"{path}: no PixelSpacing element found")
+
+
+def test_dicom_series_without_pixel_spacing_is_refused(tmp_path):
+    """GDCM reads a series without PixelSpacing (0028,0030) as 1 x 1 mm pixels, silently."""
+    folder = write_dicom_series(tmp_path / "series", n=4)
+    assert read_image(folder)[1].spacing[:2] == (0.5, 0.5)
+    for path in folder.iterdir():
+        drop_pixel_spacing(path)
+    assert sitk.ReadImage([str(p) for p in sorted(folder.iterdir())]).GetSpacing()[:2] == (1.0, 1.0)
+    refused(folder, r"has no valid PixelSpacing \(0028,0030\).*1 x 1 mm")
+
+
+def test_dicom_series_with_different_pixel_spacings_is_refused(tmp_path):
+    folder = write_dicom_series(tmp_path / "series", n=4)
+    last = sorted(folder.iterdir())[-1]
+    data = last.read_bytes()
+    assert data.count(b".5\\.5 ") == 1
+    last.write_bytes(data.replace(b".5\\.5 ", b".6\\.6 "))
+    refused(folder, "different PixelSpacing")
+
+
+def test_single_dicom_file_without_pixel_spacing_is_refused(tmp_path):
+    image = sitk.GetImageFromArray(np.arange(4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8))
+    image.SetSpacing((0.7, 0.8, 2.0))
+    path = tmp_path / "volume.dcm"
+    sitk.WriteImage(image, str(path))
+    assert read_image(path)[1].spacing[:2] == pytest.approx((0.7, 0.8))
+    drop_pixel_spacing(path)
+    assert sitk.ReadImage(str(path)).GetSpacing()[:2] == (1.0, 1.0)
+    refused(path, r"has no PixelSpacing \(0028,0030\)")
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI geometry and scaling, decided by the standard (and in agreement with nibabel)
+# ---------------------------------------------------------------------------------------------
+
+SFORM = np.array([[0.0, 0.0, 2.5, -40.0], [-0.7, 0.0, 0.0, 30.0], [0.0, 0.8, 0.0, 12.0], [0, 0, 0, 1]])
+
+
+def nifti(path: Path, qform=None, qcode=0, sform=SFORM, scode=2, pixdim=None, slope=None, inter=None,
+          data=None) -> Path:
+    """A NIfTI file with its transforms, codes, pixdim and scaling set field by field."""
+    img = nib.Nifti1Image(ramp((4, 5, 6), np.int16) if data is None else data, None)
+    header = img.header
+    header.set_sform(sform, code=scode)
+    header.set_qform(qform, code=qcode)
+    nib.save(img, str(path))
+    fields = {"pixdim": pixdim, "scl_slope": slope, "scl_inter": inter}
+    if any(v is not None for v in fields.values()):
+        raw = bytearray(path.read_bytes()) if path.suffix == ".nii" else None
+        assert raw is not None
+        if pixdim is not None:
+            struct_pixdim = np.frombuffer(bytes(raw[76:108]), "<f4").copy()
+            struct_pixdim[1:4] = pixdim
+            raw[76:108] = struct_pixdim.astype("<f4").tobytes()
+        if slope is not None:
+            raw[112:116] = np.float32(slope).astype("<f4").tobytes()
+        if inter is not None:
+            raw[116:120] = np.float32(inter).astype("<f4").tobytes()
+        path.write_bytes(bytes(raw))
+    return path
+
+
+def assert_agrees_with_nibabel(path: Path) -> Geometry:
+    array, geometry = read_image(path)
+    np.testing.assert_allclose(geometry.affine_ras(), nib.load(str(path)).affine, atol=1e-4)
+    np.testing.assert_array_equal(array, np.asarray(nib.load(str(path)).dataobj))
+    return geometry
+
+
+def test_nan_pixdim_with_a_valid_sform_reads_the_sforms_spacing(tmp_path):
+    """Method 3 does not use pixdim; ITK took its NaN as 1 mm voxels."""
+    path = nifti(tmp_path / "nan.nii", pixdim=[np.nan] * 3)
+    assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
+    assert assert_agrees_with_nibabel(path).spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_pixdim_that_disagrees_with_the_sform_reads_the_sform(tmp_path):
+    path = nifti(tmp_path / "wrong.nii", pixdim=[3.0, 3.0, 3.0])
+    assert assert_agrees_with_nibabel(path).spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_qform_and_sform_that_disagree_are_refused(tmp_path):
+    """The standard says nothing about which wins; ITK reads the qform, nibabel and viewers the sform."""
+    moved = SFORM.copy()
+    moved[:3, 3] += [5.0, 0.0, 0.0]
+    path = nifti(tmp_path / "both.nii", qform=moved, qcode=1)
+    assert not np.allclose(nib.load(str(path)).header.get_qform(), nib.load(str(path)).affine)
+    refused(path, r"the qform \(code 1\) and the sform \(code 2\) describe different grids")
+
+
+def test_qform_and_sform_that_agree_are_read(tmp_path):
+    path = nifti(tmp_path / "same.nii", qform=SFORM, qcode=1)
+    assert_agrees_with_nibabel(path)
+
+
+def test_a_broken_qform_gives_way_to_a_valid_sform(tmp_path):
+    path = nifti(tmp_path / "q.nii", qform=SFORM, qcode=1, pixdim=[np.nan] * 3)
+    assert assert_agrees_with_nibabel(path).spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_qform_only_is_read_as_before(tmp_path):
+    path = nifti(tmp_path / "q.nii", qform=SFORM, qcode=1, sform=None, scode=0)
+    assert assert_agrees_with_nibabel(path).spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_an_sform_with_shear_is_refused(tmp_path):
+    sheared = SFORM.copy()
+    sheared[0, 1] = 0.5
+    refused(nifti(tmp_path / "shear.nii", sform=sheared), "has shear")
+
+
+def test_a_nifti_without_qform_or_sform_is_refused(tmp_path):
+    refused(nifti(tmp_path / "none.nii", sform=None, scode=0), "neither a qform nor an sform")
+
+
+def test_qform_only_with_nan_pixdim_is_refused(tmp_path):
+    refused(nifti(tmp_path / "q.nii", qform=SFORM, qcode=1, sform=None, scode=0, pixdim=[np.nan] * 3),
+            "qform is not a valid transform")
+
+
+@pytest.mark.parametrize("slope, inter", [(0.0, 5.0), (np.nan, 5.0), (-0.0, -3.0)])
+def test_slope_zero_with_an_intercept_is_refused(tmp_path, slope, inter):
+    """By the standard slope 0 means no scaling (nibabel); ITK adds the intercept anyway."""
+    refused(nifti(tmp_path / "s.nii", slope=slope, inter=inter), "by the NIfTI standard a slope of 0 means no scaling")
+
+
+@pytest.mark.parametrize("slope, inter", [(2.0, np.nan), (1.0, np.inf)])
+def test_a_valid_slope_with_a_non_finite_intercept_is_refused(tmp_path, slope, inter):
+    refused(nifti(tmp_path / "s.nii", slope=slope, inter=inter), "scl_inter is .*, not a number")
+
+
+@pytest.mark.parametrize("slope, inter", [(2.0, 3.0), (0.0, 0.0), (np.nan, np.nan), (1.0, 0.0)])
+def test_scaling_every_reader_agrees_on_is_read_as_nibabel_reads_it(tmp_path, slope, inter):
+    path = nifti(tmp_path / "s.nii", slope=slope, inter=inter)
+    array = read_image(path)[0]
+    np.testing.assert_allclose(array, np.asarray(nib.load(str(path)).dataobj))
+
+
+# ---------------------------------------------------------------------------------------------
+# Read only what was named: detached data files, FIFOs and devices
+# ---------------------------------------------------------------------------------------------
+
+
+def mhd(folder: Path, data_file: str, name: str = "scan.mhd") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 3 4\nElementType = MET_UCHAR\n"
+                    f"ElementSpacing = 1 1 1\nElementDataFile = {data_file}\n")
+    return path
+
+
+def nhdr(folder: Path, data_file: str, name: str = "scan.nhdr", key: str = "data file") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 3 4\nspacings: 1 1 1\nencoding: raw\n"
+                    f"{key}: {data_file}\n")
+    return path
+
+
+HEADERS = {"mhd": mhd, "nhdr": nhdr}
+VOXELS = bytes(range(24))
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    """A file outside the header's folder whose bytes must never be read as voxels."""
+    path = tmp_path / "secret.bin"
+    path.write_bytes(b"S" * 24)
+    return path
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_a_data_file_beside_its_header_is_read(tmp_path, header):
+    (tmp_path / "h" / "data.raw").parent.mkdir()
+    (tmp_path / "h" / "data.raw").write_bytes(VOXELS)
+    array = read_image(HEADERS[header](tmp_path / "h", "data.raw"))[0]
+    assert array.transpose(2, 1, 0).tobytes() == VOXELS
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink", "dotdot-inside-name"])
+def test_a_data_file_outside_the_headers_folder_is_refused(tmp_path, secret, header, where):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    name = {"parent": "../secret.bin", "absolute": str(secret), "symlink": "link.raw",
+            "dotdot-inside-name": "sub/../../secret.bin"}[where]
+    (folder / "sub").mkdir()
+    (folder / "link.raw").symlink_to(secret)
+    refused(HEADERS[header](folder, name), "points outside the header's folder")
+
+
+def test_an_nrrd_data_file_field_is_matched_as_teem_matches_it(tmp_path, secret):
+    """teem takes "DATA FILE" and "datafile" as well as "data file"."""
+    for key in ("DATA FILE", "datafile", "Data File"):
+        refused(nhdr(tmp_path / key.replace(" ", "_"), "../secret.bin", key=key), "points outside")
+
+
+def test_a_metaimage_data_file_after_a_colon_is_checked_too(tmp_path, secret):
+    """MetaIO takes "ElementDataFile: x" as well as "ElementDataFile = x"."""
+    path = mhd(tmp_path / "h", "x")
+    path.write_text(path.read_text().replace("ElementDataFile = x", "ElementDataFile: ../secret.bin"))
+    refused(path, "points outside")
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("target", ["missing", "folder", "device"])
+def test_a_data_file_that_is_not_a_regular_file_is_refused(tmp_path, header, target):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    if target == "folder":
+        (folder / "data.raw").mkdir()
+    elif target == "device":
+        (folder / "data.raw").symlink_to("/dev/zero")
+    # A link to a device leads outside the folder as well; either reason refuses it.
+    refused(HEADERS[header](folder, "data.raw"), {"missing": "the data file no such file",
+                                                  "folder": "the data file is a folder",
+                                                  "device": "points outside the header's folder"}[target])
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_list_and_pattern_data_files_are_refused(tmp_path, header):
+    refused(HEADERS[header](tmp_path / "a", "LIST"), "list|LIST")
+    refused(HEADERS[header](tmp_path / "b", "slice%03d.raw 1 4 1"), "pattern|neither LOCAL")
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_a_detached_data_file_shorter_than_declared_is_refused(tmp_path, header):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    (folder / "data.raw").write_bytes(VOXELS[:10])
+    refused(HEADERS[header](folder, "data.raw"), "truncated")
+
+
+_READ = "import sys\nfrom unetpp3d.imageio.readers import read_image\nread_image(sys.argv[1])\n"
+
+
+def read_in_subprocess(path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """read_image in a child process: a read that blocks (on a FIFO, or on standard input, here a pipe
+    nothing is written to) fails the test at the timeout instead of hanging it."""
+    proc = subprocess.Popen([sys.executable, "-c", _READ, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, encoding="utf-8", env={**ONE_THREAD, "PYTHONIOENCODING": "utf-8"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"reading {path} blocked for {timeout} s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_an_nrrd_data_file_of_standard_input_is_refused_without_blocking(tmp_path):
+    """teem reads "data file: -" from standard input (found by tests/test_fuzz.py): it would wait forever."""
+    header = nhdr(tmp_path / "h", "-")
+    (tmp_path / "h" / "-").write_bytes(VOXELS)
+    refused(header, "standard input")
+    done = read_in_subprocess(header)
+    assert done.returncode != 0 and "standard input" in done.stderr
+
+
+def read_within(path: Path, timeout: float = 60):
+    """read_image in a thread: a read that blocks on a FIFO fails the test at the timeout instead of hanging it.
+
+    Returns what read_image returned, or the exception it raised.
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = read_image(path)
+        except Exception as exc:  # handed back to the test
+            outcome["value"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        for fifo in [path, *path.parent.iterdir(), *(path.iterdir() if path.is_dir() else [])]:
+            if fifo.exists() and stat.S_ISFIFO(fifo.stat().st_mode):  # release the blocked reader
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {path} blocked for {timeout} s")
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_a_fifo_as_data_file_is_refused_without_blocking(tmp_path, header):
+    folder = tmp_path / "h"
+    folder.mkdir()
+    os.mkfifo(folder / "data.raw")
+    error = read_within(HEADERS[header](folder, "data.raw"))
+    assert isinstance(error, UserError) and "named pipe (FIFO)" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_as_the_image_is_refused_without_blocking(tmp_path, kind):
+    path = tmp_path / "scan.nii.gz"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    error = read_within(path)
+    assert isinstance(error, UserError) and "not a regular file or folder" in str(error)
+    assert ("named pipe" if kind == "fifo" else "device") in str(error)
+
+
+def test_a_fifo_in_a_dicom_folder_is_not_opened(tmp_path):
+    folder = write_dicom_series(tmp_path / "series", n=4)
+    os.mkfifo(folder / "zz_pipe.dcm")
+    assert read_within(folder)[1].size == (8, 8, 4)
+
+
+def test_files_of_other_formats_are_not_handed_to_itk(tmp_path):
+    """ITK would pick a reader by content, some of which open files a header names (Analyze pairs)."""
+    analyze = tmp_path / "scan.hdr"
+    nib.save(nib.AnalyzeImage(ramp((4, 5, 6), np.int16), np.eye(4)), str(analyze))
+    assert sitk.ReadImage(str(analyze)).GetSize() == (4, 5, 6)
+    refused(analyze, "not a supported image format")
 
 
 # ---------------------------------------------------------------------------------------------

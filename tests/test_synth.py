@@ -192,7 +192,7 @@ def test_write_dataset_is_deterministic_and_random_geometry_changes_grids(tmp_pa
 def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not one of"):
         make_phantom("brain", seed=0, size=16)
-    with pytest.raises(UserError, match="at least one case"):
+    with pytest.raises(UserError, match=r"--cases 0: give a number of phantoms from 1 to"):
         write_dataset("liver", 0, tmp_path)
     with pytest.raises(UserError, match="direction"):
         make_phantom("liver", seed=0, size=16, direction=(1, 0, 0, 0, 2, 0, 0, 0, 1))

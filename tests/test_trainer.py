@@ -209,8 +209,13 @@ def test_resume_needs_a_run(phantoms, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.bogus=1", "unknown key"),
     ("data.patch_size=[30,32,32]", r"multiple of \[4, 4, 4\]"),
-    ("train.lr=-0.01", "train.lr must be positive"),
+    ("train.lr=-0.01", r"train.lr must be in \(0, 10\], got -0.01"),
     ("train.head_weights=[1,2,3]", "head_weights"),
+    ("data.samples_per_volume=0", r"data\.samples_per_volume must be in \[1, 1,024\], got 0"),
+    ("model.dropout=5", r"model\.dropout must be in \[0, 1\)"),
+    ("model.norm=bogus", r"model\.norm 'bogus' is not one of"),
+    ("data.num_workers=-1", r"data\.num_workers must be in \[0, 256\]"),
+    ("train.lr=.nan", r"train\.lr: expected a finite number"),
 ])
 def test_bad_config_is_refused(phantoms, tmp_path, override, message):
     out = tmp_path / "run"
@@ -290,7 +295,7 @@ def test_force_overwrites_only_run_files_and_fold_picks_the_split(phantoms, tmp_
 def test_default_config_is_the_tasks(phantoms, tmp_path, monkeypatch):
     (tmp_path / "liver.yaml").write_text("train:\n  lr: -1.0\n")
     monkeypatch.setattr(train_command, "task_config_path", lambda task: tmp_path / f"{task}.yaml")
-    with pytest.raises(UserError, match=r"liver\.yaml: train\.lr must be positive"):
+    with pytest.raises(UserError, match=r"liver\.yaml: train\.lr must be in \(0, 10\]"):
         run_training(phantoms, out_dir=tmp_path / "run", device="cpu")
 
 
@@ -355,7 +360,7 @@ def test_cli_prints_user_errors_on_one_line(phantoms, tmp_path, capsys):
               "--device", "cpu", "--set", "train.lr=-1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "train.lr must be positive" in err and "\n" not in err
+    assert err.startswith("error: ") and "train.lr must be in (0, 10]" in err and "\n" not in err
 
 
 # ---- pieces ------------------------------------------------------------------------------------

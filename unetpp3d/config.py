@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from unetpp3d.errors import UserError
+from unetpp3d.readable import read_text
 from unetpp3d.tasks import TASKS
 
 AUTO = "auto"
@@ -210,39 +211,130 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+NORMS = ("instance", "batch", "group")
+ACTIVATIONS = ("leakyrelu", "relu", "prelu", "gelu", "elu", "swish", "mish")
+UPSAMPLES = ("deconv", "trilinear")
+
+
+# Bounds of every numeric setting: (low, high, low included, high included). The upper bounds
+# are far beyond any sensible value; they are there so that a typo (an extra zero or three)
+# gets one line naming the key instead of an allocation failure or a traceback much later.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "model.dropout": (0.0, 1.0, True, False),
+    "data.gpu_memory_gb": (0.0, 1e5, False, True),
+    "data.pos_fraction": (0.0, 1.0, True, True),
+    "data.samples_per_volume": (1, 1024, True, True),
+    "data.num_workers": (0, 256, True, True),
+    "data.validation_fraction": (0.0, 1.0, True, False),
+    "data.folds": (2, 100, True, True),
+    "data.augment.rotate_degrees": (0.0, 180.0, True, True),
+    "data.augment.scale_range": (0.0, 1.0, True, False),
+    "data.augment.intensity_shift": (0.0, 100.0, True, True),
+    "data.augment.noise_std": (0.0, 100.0, True, True),
+    "train.epochs": (1, 1_000_000, True, True),
+    "train.max_nonfinite_steps": (1, 1_000_000, True, True),
+    "train.iterations_per_epoch": (1, 10_000_000, True, True),
+    "train.lr": (0.0, 10.0, False, True),
+    "train.weight_decay": (0.0, 1.0, True, True),
+    "train.momentum": (0.0, 1.0, True, False),
+    "train.warmup_epochs": (0, 1_000_000, True, True),
+    "train.grad_clip": (0.0, 1e6, True, True),
+    "train.val_every": (1, 1_000_000, True, True),
+    "train.seed": (0, 2**32 - 1, True, True),  # NumPy's and MONAI's seeds are 32-bit
+    "infer.overlap": (0.0, 1.0, True, False),
+    "infer.sw_batch_size": (1, 1024, True, True),
+    "infer.min_component_ml": (0.0, 1e6, True, True),
+}
+_RANGES.update({f"data.augment.{f.name}": (0.0, 1.0, True, True) for f in dataclasses.fields(AugmentConfig)
+                if f.name.endswith("_prob")})
+
+
+def _interval(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    def fmt(v: float) -> str:
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+    return f"{'[' if lo_in else '('}{fmt(lo)}, {fmt(hi)}{']' if hi_in else ')'}"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return _number(value) and float(value).is_integer()
+
+
+def _numbers(bad: Any, key: str, value: Any, count: int, what: str, ok: Any) -> None:
+    """Refuse ``value`` unless it is ``count`` numbers each passing ``ok`` (``count`` 0: any length)."""
+    if (not isinstance(value, list) or (count and len(value) != count) or not value
+            or not all(_number(v) and ok(v) for v in value)):
+        raise bad(f"{key} must be 'auto' or {what}, got {value!r}")
+
+
 def _validate(cfg: Config, source: str) -> None:
+    """Check every value against its range (the types were checked while reading); name the key."""
+
     def bad(msg: str) -> UserError:
         return UserError(f"{source}: {msg}")
 
     if cfg.task not in TASKS:
         raise bad(f"task {cfg.task!r} is not one of {', '.join(TASKS)}")
-    if not cfg.model.features or any(f <= 0 for f in cfg.model.features):
-        raise bad(f"model.features must be positive widths, got {cfg.model.features}")
-    if not cfg.train.lr > 0 or not math.isfinite(cfg.train.lr):  # NaN compares False with everything
-        raise bad(f"train.lr must be positive (and finite), got {cfg.train.lr}")
-    if cfg.train.max_nonfinite_steps < 1:
-        raise bad(f"train.max_nonfinite_steps must be at least 1, got {cfg.train.max_nonfinite_steps}")
-    if cfg.train.epochs < 1 or cfg.train.iterations_per_epoch < 1 or cfg.train.val_every < 1:
-        raise bad("train.epochs, train.iterations_per_epoch and train.val_every must be at least 1")
-    if cfg.train.weight_decay < 0 or cfg.train.grad_clip < 0:
-        raise bad("train.weight_decay and train.grad_clip must not be negative")
-    if not 0.0 <= cfg.data.pos_fraction <= 1.0:
-        raise bad(f"data.pos_fraction must be in [0, 1], got {cfg.data.pos_fraction}")
-    if not 0.0 <= cfg.infer.overlap < 1.0:
-        raise bad(f"infer.overlap must be in [0, 1), got {cfg.infer.overlap}")
-    if not 0.0 <= cfg.data.validation_fraction < 1.0:
-        raise bad(f"data.validation_fraction must be in [0, 1), got {cfg.data.validation_fraction}")
-    for name in ("target_spacing", "patch_size"):
-        value = getattr(cfg.data, name)
-        if value != AUTO and (len(value) != 3 or any(float(v) <= 0 for v in value)):
-            raise bad(f"data.{name} must be 'auto' or three positive numbers [x, y, z], got {value}")
-    if cfg.data.batch_size != AUTO and int(cfg.data.batch_size) < 1:
-        raise bad(f"data.batch_size must be 'auto' or at least 1, got {cfg.data.batch_size}")
-    if cfg.data.intensity_range != AUTO and (len(cfg.data.intensity_range) != 2
-                                             or cfg.data.intensity_range[0] >= cfg.data.intensity_range[1]):
-        raise bad(f"data.intensity_range must be 'auto' or [low, high] with low < high, got {cfg.data.intensity_range}")
-    if cfg.data.intensity_stats != AUTO and (len(cfg.data.intensity_stats) != 2 or cfg.data.intensity_stats[1] <= 0):
-        raise bad(f"data.intensity_stats must be 'auto' or [mean, std] with std > 0, got {cfg.data.intensity_stats}")
+    sections = {"model": cfg.model, "data": cfg.data, "data.augment": cfg.data.augment, "train": cfg.train,
+                "infer": cfg.infer}
+    for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        section, name = key.rsplit(".", 1)
+        value = getattr(sections[section], name)
+        inside = (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+        if not inside:
+            raise bad(f"{key} must be in {_interval(lo, hi, lo_in, hi_in)}, got {value!r}")
+
+    m = cfg.model
+    features = m.features
+    if (not isinstance(features, list) or not 2 <= len(features) <= 8
+            or not all(isinstance(f, int) and not isinstance(f, bool) and 1 <= f <= 4096 for f in features)):
+        raise bad(f"model.features must be 2 to 8 whole widths from 1 to 4096 (one per level), got {features!r}")
+    if m.strides != AUTO:
+        depth = len(features) - 1
+        if not isinstance(m.strides, list) or len(m.strides) != depth:
+            raise bad(f"model.strides: needs {depth} entries (one per downsampling, len(model.features) - 1), "
+                      f"got {m.strides!r}")
+        for st in m.strides:
+            triple = [st] * 3 if not isinstance(st, list) else st
+            if len(triple) != 3 or not all(_whole(v) and 1 <= v <= 8 for v in triple):
+                raise bad(f"model.strides: each entry must be a whole number from 1 to 8 or [x, y, z] of them, "
+                          f"got {st!r}")
+    for key, value, allowed in (("model.norm", m.norm, NORMS), ("model.act", m.act, ACTIVATIONS),
+                                ("model.upsample", m.upsample, UPSAMPLES)):
+        if value.lower() not in allowed:
+            raise bad(f"{key} {value!r} is not one of {', '.join(allowed)}")
+
+    d = cfg.data
+    if d.target_spacing != AUTO:
+        _numbers(bad, "data.target_spacing", d.target_spacing, 3, "three spacings in mm [x, y, z], each in (0, 100]",
+                 lambda v: 0 < v <= 100)
+    if d.patch_size != AUTO:
+        _numbers(bad, "data.patch_size", d.patch_size, 3, "three whole numbers of voxels [x, y, z], each 1 to 1024",
+                 lambda v: _whole(v) and 1 <= v <= 1024)
+    if d.intensity_range != AUTO:
+        _numbers(bad, "data.intensity_range", d.intensity_range, 2, "[low, high] in HU with low < high",
+                 lambda v: True)
+        if d.intensity_range[0] >= d.intensity_range[1]:
+            raise bad(f"data.intensity_range must be 'auto' or [low, high] with low < high, got {d.intensity_range}")
+    if d.intensity_stats != AUTO:
+        _numbers(bad, "data.intensity_stats", d.intensity_stats, 2, "[mean, std] with std > 0", lambda v: True)
+        if d.intensity_stats[1] <= 0:
+            raise bad(f"data.intensity_stats must be 'auto' or [mean, std] with std > 0, got {d.intensity_stats}")
+    if d.batch_size != AUTO and not (isinstance(d.batch_size, int) and 1 <= d.batch_size <= 1024):
+        raise bad(f"data.batch_size must be 'auto' or a whole number from 1 to 1024, got {d.batch_size!r}")
+
+    t = cfg.train
+    if t.head_weights != AUTO:
+        _numbers(bad, "train.head_weights", t.head_weights, 0, "a list of non-negative weights, one per head",
+                 lambda v: v >= 0)
+        if sum(t.head_weights) <= 0:
+            raise bad(f"train.head_weights must not all be zero, got {t.head_weights}")
+    if cfg.infer.prune_level is not None and not 1 <= cfg.infer.prune_level <= 8:
+        raise bad(f"infer.prune_level must be null or a level from 1 to 8, got {cfg.infer.prune_level}")
 
 
 def load_yaml(text: str, where: str) -> Any:
@@ -274,11 +366,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), load_yaml(raw, f"override {text!r}")
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"override {text!r}: {key.strip()!r} is not a KEY such as train.lr")
+    return [k.strip() for k in keys], load_yaml(raw, f"override {text!r}")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> Config:
     """Build and validate a Config from a plain dict, applying ``KEY=VALUE`` overrides first."""
+    if not isinstance(data or {}, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model, data, train, infer), got {data!r:.80}")
     data = _deep_copy(data or {})
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -298,9 +395,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is None:
         return config_from_dict({}, "defaults", overrides)
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    text = read_text(path, "config file")  # a FIFO or device is refused, not waited on
+    data = load_yaml(text, str(path)) or {}
     try:
         return config_from_dict(data, str(path), overrides)
     except UserError as exc:

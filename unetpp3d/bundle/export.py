@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from unetpp3d.atomic import atomic_write_bytes, atomic_write_text, write_failed
 from unetpp3d.bundle import check_unetpp3d
 from unetpp3d.bundle.configs import CHECK_SCRIPT, inference_config, metadata_config
 from unetpp3d.bundle.readme import LICENSE_TEXT, LOGGING_CONF, _readme
@@ -80,7 +81,7 @@ from unetpp3d.bundle.train_configs import (
 )
 from unetpp3d.errors import UserError
 from unetpp3d.inference.predictor import Predictor
-from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path
+from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path, save_state_dict
 
 log = logging.getLogger("unetpp3d")
 
@@ -152,23 +153,23 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool 
     # Everything the configs take from the checkpoint is in the metadata too (train.json refers to it).
     _check_plain_strings({k: v for k, v in meta.items() if k != "schema"}, "metadata.json")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"  # mkdir, unlike mkdtemp, honours the umask
-    stage.mkdir()
+    stage = out.parent / f".{out.name.replace('.', '_')}.{uuid.uuid4().hex[:8]}.part"
     try:
-        for sub in ("configs", "models", "docs", "scripts"):
-            (stage / sub).mkdir()
-        (stage / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()  # mkdir, unlike mkdtemp, honours the umask
+        # Each file is written atomically and checked (a full disk is reported, never left
+        # truncated), then the whole folder is moved into place.
+        atomic_write_text(stage / "configs" / "metadata.json", json.dumps(meta, indent=2) + "\n")
         for name, config in configs.items():
-            (stage / "configs" / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (stage / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
-        torch.save(predictor.network.state_dict(), stage / "models" / "model.pt")
+            atomic_write_text(stage / "configs" / name, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(stage / "configs" / "logging.conf", LOGGING_CONF)
+        save_state_dict(predictor.network.state_dict(), stage / "models" / "model.pt")
         save_torchscript(predictor.network, predictor.roi_size, meta, inference, stage / "models" / "model.ts")
         # The check runs before unetpp3d is known to be importable, so the bundle carries its own copy.
-        shutil.copyfile(check_unetpp3d.__file__, stage / CHECK_SCRIPT)
-        (stage / "docs" / "README.md").write_text(_readme(payload, predictor, meta, ckpt), encoding="utf-8")
-        (stage / "docs" / "license.txt").write_text(LICENSE_TEXT, encoding="utf-8")
-        (stage / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
+        atomic_write_bytes(stage / CHECK_SCRIPT, Path(check_unetpp3d.__file__).read_bytes())
+        atomic_write_text(stage / "docs" / "README.md", _readme(payload, predictor, meta, ckpt))
+        atomic_write_text(stage / "docs" / "license.txt", LICENSE_TEXT)
+        atomic_write_text(stage / "LICENSE", LICENSE_TEXT)
         if not out.exists():
             os.replace(stage, out)
         else:
@@ -176,6 +177,10 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike, force: bool 
                 target = out / path.relative_to(stage)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target)
+    except OSError as exc:
+        raise write_failed(out, exc.strerror or str(exc)) from None
+    except UserError as exc:  # name the bundle's file, not its place in the staging folder
+        raise UserError(str(exc).replace(str(stage), str(out))) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("bundle written to %s", out)

@@ -11,7 +11,8 @@ import torch
 from monai.data import save_net_with_metadata
 from torch import nn
 
-from unetpp3d.atomic import atomic_path
+from unetpp3d.atomic import atomic_path, write_failed
+from unetpp3d.model.checkpoint import verify_zip
 from unetpp3d.model.portable import trace_modes
 
 
@@ -34,6 +35,10 @@ def save_torchscript(network: nn.Module, roi_size: Sequence[int] | None, meta: d
     """
     example = torch.zeros(1, int(network.model_args["in_channels"]), *(2 * d for d in network.size_divisor))
     traced = trace_modes(network, example)
-    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        save_net_with_metadata(traced, stream, include_config_vals=False, append_timestamp=False, meta_values=meta,
-                               more_extra_files={"inference.json": json.dumps(inference).encode()})
+    path = Path(path)
+    with atomic_path(path, verify=lambda tmp: verify_zip(tmp, path)) as tmp, open(tmp, "wb") as stream:
+        try:
+            save_net_with_metadata(traced, stream, include_config_vals=False, append_timestamp=False,
+                                   meta_values=meta, more_extra_files={"inference.json": json.dumps(inference).encode()})
+        except RuntimeError as exc:  # TorchScript's zip writer reports a short write (a full disk) this way
+            raise write_failed(path, str(exc).strip().splitlines()[-1][:200]) from None

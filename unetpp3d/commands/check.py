@@ -29,7 +29,11 @@ from unetpp3d.data.validation import (
     fingerprint_of,
     inspect_case,
 )
-from unetpp3d.errors import UserError, exit_status
+from unetpp3d.errors import exit_status
+from unetpp3d.outputs import check_outputs, json_kind
+
+# What check writes: a JSON object naming the manifest it describes.
+FINGERPRINT = json_kind("dataset fingerprint", ("manifest", "labels"))
 
 
 def _range(values: list[float], fmt: str = "{:.4g}") -> str:
@@ -91,6 +95,11 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
         UserError: the manifest itself is unusable, or the fingerprint cannot be written.
     """
     manifest = load_manifest(manifest_path)
+    out = (Path(fingerprint_path) if fingerprint_path is not None
+           else default_fingerprint_path(manifest.path, out_dir))
+    # Before any case is read: the fingerprint must not land on a scan, a label or the manifest.
+    inputs = [manifest.path, *(p for c in manifest.all_cases() for p in (c.image, c.label) if p)]
+    check_outputs([out], FINGERPRINT, inputs, "--fingerprint")
     labelled_names = {c.name for c in [*manifest.training, *(manifest.validation or [])]}
     cases = manifest.all_cases()
     results: list[tuple[Case, CaseResult]] = []
@@ -122,12 +131,6 @@ def run_check(manifest_path: str | Path, series_uid: str | None = None, fingerpr
     fp["manifest"] = str(manifest.path.resolve())
     fp["seed"] = seed
     fp["series_uid"] = series_uid
-    out = (Path(fingerprint_path) if fingerprint_path is not None
-           else default_fingerprint_path(manifest.path, out_dir))
-    try:
-        atomic_write_text(out, json.dumps(fp, indent=1) + "\n")
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the fingerprint ({exc.strerror or exc}); pass --out DIR or "
-                        "--fingerprint PATH to write it elsewhere") from None
+    atomic_write_text(out, json.dumps(fp, indent=1) + "\n")
     print(f"all {len(cases)} case(s) passed; fingerprint written to {out}")
     return 0

@@ -13,6 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from unetpp3d.atomic import atomic_write_text
 from unetpp3d.commands.check import run_check
 from unetpp3d.commands.evaluate import run_evaluation
 from unetpp3d.commands.infer import run_inference
@@ -20,7 +21,7 @@ from unetpp3d.commands.train import run_training
 from unetpp3d.data.manifest import load_manifest
 from unetpp3d.errors import UserError
 from unetpp3d.evaluation.metrics import evaluate_case
-from unetpp3d.synth.phantom import write_dataset
+from unetpp3d.synth.phantom import SYNTH_MANIFEST, write_dataset
 
 DEMO_CASES = 14  # about 20% are held out for testing by the phantom writer
 
@@ -32,6 +33,19 @@ DEMO_SEED = 0
 
 
 TARGET_DICE = 0.90
+
+
+DEMO_MARKER = ".unetpp3d-demo"  # marks a folder the demo made, whose contents it may replace
+
+
+DEMO_ENTRIES = {DEMO_MARKER, "data", "run", "masks", "previews", "evaluation.csv", "summary.json", "manifest.fingerprint.json"}
+
+
+def _previous_demo(out: Path) -> bool:
+    """A demo folder from before the marker: only the demo's entries, and phantoms in data/."""
+    entries = {p.name for p in out.iterdir()}
+    return entries <= DEMO_ENTRIES and (out / "data" / "manifest.json").is_file() \
+        and SYNTH_MANIFEST.is_ours(out / "data" / "manifest.json")
 
 
 def demo_config_path() -> Path:
@@ -53,6 +67,12 @@ def run_demo(out_dir: str | Path = "demo_out", device: str | None = None) -> int
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; pick another --out")
+    marker = out / DEMO_MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file() and not _previous_demo(out):
+        # The demo replaces its data/, run/ and masks/ folders: never those of a folder it did not make.
+        raise UserError(f"--out {out}: the folder holds files and is not a previous demo's (no {DEMO_MARKER}); "
+                        "the demo replaces what it finds there, so pick a new or empty folder")
+    atomic_write_text(marker, "written by `unetpp3d demo`; the demo may replace everything in this folder\n")
     started = time.monotonic()
     say = print
 

@@ -49,6 +49,8 @@ from unetpp3d.data.manifest import case_name, load_manifest
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.evaluation.metrics import CaseMetrics, both_empty_row, evaluate_case
 from unetpp3d.imageio.formats import VOLUME_SUFFIXES
+from unetpp3d.outputs import check_outputs, csv_kind, json_kind
+from unetpp3d.readable import path_kind
 
 log = logging.getLogger("unetpp3d")
 
@@ -76,6 +78,12 @@ EMPTY_CONVENTION = ("a label absent from both prediction and reference has no Di
                     "(null) and is left out of the means ('undefined' counts them); absent from one side only, "
                     "Dice, IoU and surface Dice are 0 and HD95 is null (nnU-Net's convention; training "
                     "validation uses the same)")
+
+
+# What evaluate writes, as a later run recognises it: the table's first columns (CaseMetrics'
+# first fields) and the summary's keys.
+METRICS_TABLE = csv_kind("metrics table", "case,label,dice,")
+SUMMARY = json_kind("evaluation summary", ("tool", "metric_per_case"))
 
 
 def collect_masks(source: str | Path, role: str) -> dict[str, Path]:
@@ -113,6 +121,8 @@ def collect_masks(source: str | Path, role: str) -> dict[str, Path]:
         if not found:
             raise UserError(f"{source}: no {role} masks here (looked for {', '.join(VOLUME_SUFFIXES)} files)")
         return found
+    if path_kind(source) == "other":
+        raise UserError(f"{source}: the {role} is a FIFO, device or socket, not a mask file, folder or manifest")
     raise UserError(f"{source}: no such {role} file, folder or manifest")
 
 
@@ -273,11 +283,16 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = N
             (for one file against one file) the masks cannot be read or do not share a grid.
     """
     pred, ref = Path(pred), Path(ref)
-    if not tolerance_mm > 0:
-        raise UserError(f"--tolerance-mm must be positive, got {tolerance_mm}")
+    if not (math.isfinite(tolerance_mm) and 0 < tolerance_mm <= 1000):
+        raise UserError(f"--tolerance-mm must be a distance in mm above 0 (and at most 1000), got {tolerance_mm}")
     folder = _out_folder(out)
     preds = collect_masks(pred, "prediction")
     refs = collect_masks(ref, "reference")
+    # Before any mask is scored: the table and summary must not replace a mask, a manifest or a
+    # user's file of the same name.
+    inputs = [*preds.values(), *refs.values(), *(p for p in (pred, ref) if p.is_file())]
+    check_outputs([folder / TABLE_NAME], METRICS_TABLE, inputs, "--out")
+    check_outputs([folder / SUMMARY_NAME], SUMMARY, inputs, "--out")
     single = pred.is_file() and ref.is_file() and len(preds) == 1 and len(refs) == 1 \
         and not pred.name.lower().endswith(MANIFEST_SUFFIXES) and not ref.name.lower().endswith(MANIFEST_SUFFIXES)
     if single:

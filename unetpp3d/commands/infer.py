@@ -12,6 +12,7 @@ class probabilities (``--save-probabilities``), per-class volume and HU statisti
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from unetpp3d.data.plausibility import scan_warnings
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.imageio.dicom_seg import require_highdicom, write_dicom_seg
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
+from unetpp3d.imageio.nifti import is_complete
 from unetpp3d.imageio.writer import OUTPUT_TYPES, write_mask, write_probabilities
 from unetpp3d.inference.inputs import InputCase, expand_inputs, is_dicom
 from unetpp3d.inference.nodules import write_nodule_report
@@ -39,7 +41,9 @@ from unetpp3d.inference.statistics import (
     statistics_json,
     write_statistics_table,
 )
+from unetpp3d.outputs import MASK, NIFTI_PROBABILITIES, PNG, OutputKind, check_outputs, csv_kind, json_kind
 from unetpp3d.preview import save_overlay_png
+from unetpp3d.readable import path_kind
 
 log = logging.getLogger("unetpp3d")
 
@@ -55,6 +59,9 @@ _FILE_SUFFIXES = IMAGE_SUFFIXES + (".png", ".json", ".csv", ".npz", ".npy")
 def _mask_outputs(cases: Sequence[InputCase], out: Path, output_type: str) -> dict[str, Path]:
     suffixes = OUTPUT_TYPES[output_type]
     is_file = out.name.lower().endswith(suffixes)
+    if not is_file and path_kind(out) not in ("missing", "folder"):
+        raise UserError(f"--out {out}: exists and is not a folder; give a folder for the masks, or a new "
+                        f"{suffixes[0]} file name for one scan's mask")
     if not is_file and not out.is_dir() and out.name.lower().endswith(_FILE_SUFFIXES):
         other = next((t for t, s in OUTPUT_TYPES.items() if out.name.lower().endswith(s)), None)
         hint = f" (or --output-type {other})" if other else ""
@@ -70,6 +77,9 @@ def _mask_outputs(cases: Sequence[InputCase], out: Path, output_type: str) -> di
 def _preview_outputs(cases: Sequence[InputCase], preview: Path | None) -> dict[str, Path]:
     if preview is None:
         return {}
+    if preview.suffix.lower() != ".png" and path_kind(preview) not in ("missing", "folder"):
+        raise UserError(f"--preview {preview}: exists and is not a folder; give a folder for the previews, or a "
+                        ".png file name for one scan's preview")
     if preview.suffix.lower() == ".png":
         if len(cases) > 1:
             raise UserError(f"--preview {preview}: {len(cases)} inputs need a folder for their previews")
@@ -100,6 +110,39 @@ def _probability_outputs(cases: Sequence[InputCase], target: Path | None, masks:
 def _beside(mask_path: Path, what: str) -> Path:
     """``masks/liver_5.nii.gz`` -> ``masks/liver_5.<what>``."""
     return mask_path.with_name(f"{case_name(mask_path)}.{what}")
+
+
+# What infer writes, as a later run recognises it (see unetpp3d.outputs): a DICOM SEG names
+# unetpp3d as its manufacturer; the reports and tables carry their own keys and columns.
+DICOM_SEG = OutputKind("DICOM SEG", (".dcm",), lambda p: b"unetpp3d" in p.read_bytes()[:1 << 16])
+MASK_KINDS = {"nifti": MASK, "dicom-seg": DICOM_SEG}
+NODULE_REPORT = json_kind("nodule report", ("nodules", "coordinate_system"))
+NODULE_TABLE = csv_kind("nodule table", "id,label,voxels,")
+CASE_STATISTICS = json_kind("statistics report", ("classes",))
+STATISTICS_CSV = csv_kind("statistics table", "case,label,name,")
+
+
+def _protected_inputs(inputs: Sequence[str | Path], cases: Sequence[InputCase]) -> list[Path]:
+    """Everything an output must not touch: each scan, each folder given, each manifest."""
+    return [*(Path(p) for p in inputs), *(c.path for c in cases)]
+
+
+def _check_settings(prune_level: int | None, overlap: float | None, batch_size: int | None) -> None:
+    """Refuse option values outside their range before anything is read."""
+    if prune_level is not None and not 1 <= prune_level <= 8:
+        raise UserError(f"--prune-level {prune_level}: give a level from 1 to the network's depth (at most 8)")
+    if overlap is not None and not (math.isfinite(overlap) and 0 <= overlap < 1):
+        raise UserError(f"--overlap {overlap}: give a fraction from 0 up to (not including) 1, e.g. 0.5")
+    if batch_size is not None and not 1 <= batch_size <= 1024:
+        raise UserError(f"--batch-size {batch_size}: give a number of windows from 1 to 1024")
+
+
+def _finished(mask_path: Path) -> bool:
+    """Whether a case's mask exists whole: an empty or truncated file (left by a failed write of an
+    older version) is written again, not skipped forever."""
+    if not (mask_path.is_file() and mask_path.stat().st_size > 0):
+        return False
+    return is_complete(mask_path) if mask_path.name.lower().endswith(OUTPUT_TYPES["nifti"]) else True
 
 
 @dataclass
@@ -250,6 +293,7 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         raise UserError(f"--output-type {output_type!r}: use {' or '.join(OUTPUT_TYPES)}")
     if mode is not None and mode not in INFER_MODES:
         raise UserError(f"--mode {mode!r}: use {' or '.join(INFER_MODES)}")
+    _check_settings(prune_level, overlap, batch_size)
     cases = expand_inputs(inputs)
     if output_type == "dicom-seg":
         _check_dicom_inputs(cases)
@@ -259,6 +303,16 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
                                          masks)
     targets = {c.name: _Targets(masks[c.name], previews.get(c.name), probabilities.get(c.name),
                                 _beside(masks[c.name], "statistics.json") if statistics else None) for c in cases}
+    # Before the model loads: an output that would destroy a scan, or replace a file we did not
+    # write, is refused now rather than after minutes of inference.
+    protected = _protected_inputs(inputs, cases)
+    check_outputs(masks.values(), MASK_KINDS[output_type], protected, "--out")
+    check_outputs(previews.values(), PNG, protected, "--preview")
+    check_outputs(probabilities.values(), NIFTI_PROBABILITIES, protected, "--save-probabilities")
+    if statistics:
+        check_outputs([t.statistics for t in targets.values()], CASE_STATISTICS, protected, "--statistics")
+        if not out.name.lower().endswith(OUTPUT_TYPES[output_type]):
+            check_outputs([out / STATISTICS_TABLE], STATISTICS_CSV, protected, "--statistics")
     predictor = Predictor.from_source(
         model, device=device, trust_bundle=trust_bundle, overlap=overlap, batch_size=batch_size, mode=mode,
         prune_level=prune_level, tta=tta, amp=amp, series_uid=series_uid,
@@ -266,6 +320,9 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
     )
     if not model:
         print(f"no --model given: using the newest run, {predictor.source}")
+    if predictor.rules.nodule_report:
+        check_outputs([_beside(m, "nodules.json") for m in masks.values()], NODULE_REPORT, protected, "--out")
+        check_outputs([_beside(m, "nodules.csv") for m in masks.values()], NODULE_TABLE, protected, "--out")
     log.info("%s", predictor.describe())
     outcomes: list[_Outcome] = []
     rows: list[ClassStatistics] = []
@@ -275,7 +332,7 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
             log.error("%s: %s: %s", case.name, case.path, case.error)
             outcomes.append(_Outcome(case.name, "failed", note=f"{case.path}: {case.error}", user_problem=True))
             continue
-        if skip_existing and target.mask.exists():
+        if skip_existing and _finished(target.mask):
             log.info("%s: %s exists, skipped", case.name, target.mask)
             outcomes.append(_Outcome(case.name, "skipped", note=str(target.mask)))
             if target.statistics is not None:

@@ -10,6 +10,7 @@ case is checked and fingerprinted in one read.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import plan
+from unetpp3d.outputs import PNG, OutputKind, check_outputs, csv_kind, json_kind
 from unetpp3d.strictjson import strict_loads
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.loss import DeepSupervisionLoss, normalise_head_weights
@@ -294,6 +296,49 @@ def _check_folder(folder: Path, resume: bool, force: bool) -> None:
                         f"or overwrite it with --force")
 
 
+def _yaml_config(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "model" in data and "train" in data
+
+
+def _zip_file(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def _log_file(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", fh.read(20)) is not None
+
+
+# What a run writes under each name, so that --force replaces only a run's own files.
+_RUN_FILE_KINDS = {
+    "last.pt": OutputKind("checkpoint", (".pt",), _zip_file),
+    "best.pt": OutputKind("checkpoint", (".pt",), _zip_file),
+    "config.yaml": OutputKind("run config", (".yaml",), _yaml_config),
+    "split.json": json_kind("run split", ("training", "validation")),
+    "metrics.csv": csv_kind("run metrics table", "epoch,train_loss,"),
+    "train.log": OutputKind("run log", (".log",), _log_file),
+    "curves.png": PNG,
+    RUN_FINGERPRINT: json_kind("run's dataset fingerprint", ("labels",)),
+}
+
+
+def _check_forced_files(folder: Path, man: Manifest) -> None:
+    """With --force, refuse to delete a file of a run's name that a run did not write."""
+    inputs = [man.path, *(p for c in man.all_cases() for p in (c.image, c.label) if p)]
+    for name, kind in _RUN_FILE_KINDS.items():
+        check_outputs([folder / name], kind, inputs, "--out")
+    board = folder / "tensorboard"
+    if board.exists() and (not board.is_dir() or any(not (p.is_file() and p.name.startswith("events.out.tfevents."))
+                                                      for p in board.iterdir())):
+        raise UserError(f"--out {board}: holds files TensorBoard did not write; --force replaces only a run's own "
+                        "files — move them away or choose another --out")
+
+
 def _refuse_other_data(folder: Path, p: _Plan) -> None:
     """On resume, refuse cases whose data differ from those the run started with (same names, other scans)."""
     recorded_path = folder / RUN_FINGERPRINT
@@ -401,6 +446,8 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
         if folder.is_dir():  # another train in it is refused before anything else is read
             _on_rank0(dist, lock.acquire)
         _on_rank0(dist, _check_folder, folder, resume, force)
+        if force and not resume:
+            _on_rank0(dist, _check_forced_files, folder, man)
         _resolve(p, man, Path(fingerprint_path) if fingerprint_path is not None else None)
         # Refuse a precision the device lacks before the run folder exists.
         autocast_dtype(p.cfg.train.amp, dev, name="train.amp")

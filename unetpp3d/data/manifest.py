@@ -35,6 +35,7 @@ from unetpp3d.atomic import atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
 from unetpp3d.strictjson import strict_loads
+from unetpp3d.readable import require_file
 from unetpp3d.tasks import TASKS
 
 SPLITS_FILE = "splits_final.json"  # nnU-Net v2's name, read beside a manifest named dataset.json
@@ -252,8 +253,9 @@ def load_manifest(path: str | Path) -> Manifest:
             :func:`split_cases`, for the fold asked for).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: manifest not found")
+    require_file(path, "manifest")  # a folder, FIFO or device is refused, not read
     try:
         data = strict_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError

@@ -21,6 +21,7 @@ from unetpp3d.imageio.formats import (
     _check_direction,
     _check_memory,
     _itk_reason,
+    _pixel_spacing_value,
     _read_file,
 )
 
@@ -40,6 +41,7 @@ class _Slice:
     orientation: np.ndarray | None
     size: tuple[int, ...]
     pixel_spacing: float
+    pixel_spacing_tag: tuple[float, float] | None  # PixelSpacing (0028,0030): row, column spacing in mm
     pixel_bytes: int
     components: int
 
@@ -76,6 +78,8 @@ def _scan_dicom(folder: Path) -> tuple[list[_Slice], int]:
             orientation=_tag_floats(reader, "0020|0037", 6),
             size=tuple(reader.GetSize()),
             pixel_spacing=float(min(reader.GetSpacing()[:2])),
+            pixel_spacing_tag=(_pixel_spacing_value(reader.GetMetaData("0028|0030"))
+                               if reader.HasMetaDataKey("0028|0030") else None),
             pixel_bytes=_PIXEL_BYTES.get(reader.GetPixelID(), 8),
             components=reader.GetNumberOfComponents(),
         ))
@@ -114,6 +118,15 @@ def _check_series(folder: Path, series: list[_Slice]) -> list[_Slice]:
         if s.size[:2] != first.size[:2]:
             raise UserError(f"{folder}: slices of different sizes: {first.path.name} is "
                             f"{'x'.join(map(str, first.size[:2]))}, {s.path.name} is {'x'.join(map(str, s.size[:2]))}")
+        if s.pixel_spacing_tag is None:
+            # GDCM reads a series without it as 1 x 1 mm pixels, without a word.
+            raise UserError(f"{folder}: {s.path.name} has no valid PixelSpacing (0028,0030), so the size of the "
+                            "pixels is unknown (ITK would assume 1 x 1 mm); export the series again with its "
+                            "pixel spacing")
+        if not np.allclose(s.pixel_spacing_tag, first.pixel_spacing_tag, rtol=1e-4, atol=1e-6):
+            raise UserError(f"{folder}: slices with different PixelSpacing (0028,0030): {first.path.name} has "
+                            f"{fmt_values(first.pixel_spacing_tag)} mm, {s.path.name} has "
+                            f"{fmt_values(s.pixel_spacing_tag)} mm; the folder mixes several acquisitions")
         if s.components != 1:
             raise UserError(f"{folder}: {s.path.name} has {s.components} components per pixel (colour); "
                             "a single-channel CT series is needed")
@@ -190,7 +203,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
     series = _series(folder, series_uid)
     if len(series) == 1:
         # One file: a multi-frame DICOM holds a whole volume, a classic one a single slice.
-        return _read_file(series[0].path)
+        return _read_file(series[0].path, io="GDCMImageIO")
     series = _check_series(folder, series)
     rows_cols = series[0].size[:2]
     _check_memory(folder, int(np.prod(rows_cols, dtype=np.int64)) * len(series), max(4, series[0].pixel_bytes))

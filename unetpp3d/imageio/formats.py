@@ -7,12 +7,10 @@ from its header or a bounded scan, before ITK sees it, with a one-line :class:`U
 
 from __future__ import annotations
 
-import gzip
 import math
 import mmap
 import os
 import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +18,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from unetpp3d.errors import UserError
-from unetpp3d.geometry import fmt_values
+from unetpp3d.geometry import Geometry, fmt_values
 from unetpp3d.hardware import available_memory
+from unetpp3d.imageio.headers import _metaimage_data_complete, _metaimage_precheck, _nrrd_data_complete, _nrrd_precheck
+from unetpp3d.imageio.nifti import _nifti_complete, _nifti_finite, check_scaling, load_header, nifti_grid, raw_header
+from unetpp3d.readable import not_regular_reason
 
 # The one list of image file suffixes that the readers accept, matched case-insensitively on the
 # file name: NIfTI, NRRD (attached or detached header), MetaImage (.mha or .mhd + data file), and
@@ -95,232 +96,125 @@ def _check_header(path: Path, dim: int, size: Sequence[int], spacing: Sequence[f
         raise UserError(f"{path}: voxel spacing {fmt_values(spacing[:3])} is not positive; fix the file's header")
 
 
-def _nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file, which ITK would otherwise read with the missing end zero-filled."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        header = img.header
-        # The offset of the file's own header (vox_offset): nibabel resets img.header's to 0.
-        expected = int(img.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception as exc:  # nibabel raises several types for damaged headers
-        raise UserError(f"{path}: cannot read the NIfTI header ({type(exc).__name__}: {exc}); "
-                        "the file is damaged or not NIfTI") from None
-    if path.name.lower().endswith(".gz"):
-        # The gzip trailer stores the uncompressed length (mod 2**32): one seek checks it. Only
-        # when it disagrees (truncation, or a rare multi-member file) is the stream decompressed.
-        with open(path, "rb") as fh:
-            fh.seek(-4, os.SEEK_END)
-            isize = int.from_bytes(fh.read(4), "little")
-        if isize == expected % 2**32:
-            return
-        total = 0
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    total += len(chunk)
-        except (OSError, EOFError, gzip.BadGzipFile):
-            total = -1
-        if total < expected:
-            raise UserError(f"{path}: the compressed NIfTI is truncated or corrupt (its data stream ends early); "
-                            "copy or export the file again")
-    elif path.stat().st_size < expected:
-        raise UserError(f"{path}: the NIfTI file is truncated ({path.stat().st_size:,} bytes, its header needs "
-                        f"{expected:,}); copy or export the file again")
+# The ITK reader for each name we accept. Naming it keeps ITK from choosing by content among
+# all its readers, several of which open other files that a header names (Analyze, Stimulate).
+_IMAGE_IOS = ((".nii.gz", "NiftiImageIO"), (".nii", "NiftiImageIO"), (".nrrd", "NrrdImageIO"),
+              (".nhdr", "NrrdImageIO"), (".mha", "MetaImageIO"), (".mhd", "MetaImageIO"), (".dcm", "GDCMImageIO"))
 
 
-def _nifti_finite(path: Path) -> None:
-    """Refuse NaN/Inf in a floating-point NIfTI: ITK's NIfTI reader silently turns them into 0.
-
-    Scanned with nibabel in slabs along the last axis, so memory stays at a few slices.
-    """
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    if img.header.get_data_dtype().kind != "f" and img.header.get_slope_inter()[0] is None:
-        return
-    proxy = img.dataobj
-    shape = proxy.shape
-    if len(shape) < 3:
-        return
-    bad, first = 0, None
-    step = max(1, (1 << 24) // max(1, int(np.prod(shape[:2]))))
-    for k0 in range(0, shape[2], step):
-        slab = np.asarray(proxy[:, :, k0:k0 + step])
-        nonfinite = ~np.isfinite(slab)
-        n = int(nonfinite.sum())
-        if n and first is None:
-            i = np.argwhere(nonfinite)[0]
-            first = (int(i[0]), int(i[1]), int(i[2]) + k0)
-        bad += n
-    if bad:
-        raise UserError(f"{path}: {bad:,} voxel(s) are NaN or infinite (first at index {first}); replace them "
-                        "(e.g. by the background value) before using the file")
-
-
-# MetaIO keeps its per-dimension fields in arrays of this length: a header declaring more
-# dimensions (or a negative number) makes ITK's MetaImage reader write past them and crash.
-_METAIMAGE_MAX_DIMS = 10
-
-
-def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
-    """The ``Key = Value`` fields of a MetaImage header (up to ``ElementDataFile``) and the offset after it."""
+def _image_io(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, io in _IMAGE_IOS:
+        if name.endswith(suffix):
+            return io
     with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    fields: dict[str, str] = {}
-    pos = 0
-    while pos < len(head):
-        end = head.find(b"\n", pos)
-        end = len(head) if end < 0 else end
-        key, sep, value = head[pos:end].decode("latin-1").partition("=")
-        pos = end + 1
-        if sep:
-            fields[key.strip()] = value.strip()
-            if key.strip() == "ElementDataFile":
-                break
-    return fields, pos
+        head = fh.read(132)
+    if head[128:132] == b"DICM":
+        return "GDCMImageIO"
+    raise UserError(f"{path}: not a supported image format (by its name); supported are NIfTI (.nii.gz, .nii), NRRD "
+                    "(.nrrd, .nhdr), MetaImage (.mha, .mhd), DICOM files and DICOM series folders")
 
 
-def _metaimage_precheck(path: Path) -> tuple[dict[str, str], int]:
-    """Refuse a MetaImage header that would crash ITK's reader (it runs in our process)."""
-    fields, data_start = _metaimage_header(path)
-    if "NDims" in fields:
-        token = (fields["NDims"].split() or [""])[0]
-        try:
-            ndims = int(token)
-        except ValueError:
-            ndims = -1
-        if not 1 <= ndims <= _METAIMAGE_MAX_DIMS:
-            raise UserError(f"{path}: the MetaImage header says NDims = {fields['NDims'][:40]!r}, not a number of "
-                            f"dimensions from 1 to {_METAIMAGE_MAX_DIMS}; the file is damaged")
-    data_file = fields.get("ElementDataFile", "LOCAL")
-    if data_file.upper() != "LOCAL" and not _plain_file_name(data_file):
-        # MetaIO reads "LIST" and a value holding "%" ("pattern min max step", the pattern a
-        # printf format) as slices in many files; damaged voxel bytes taken for such a pattern
-        # wrote past a buffer (valgrind) and corrupted the heap of the reading process (found by
-        # tests/test_fuzz.py). CT needs no more than the voxels inline or in one other file.
-        raise UserError(f"{path}: the MetaImage header's ElementDataFile = {data_file[:40]!r} is neither LOCAL nor "
-                        "one file name (multi-file lists and patterns are not supported, and a damaged header "
-                        "looks like one); store the volume as one .mha, .nrrd or .nii.gz")
-    return fields, data_start
-
-
-def _plain_file_name(name: str) -> bool:
-    """One data file's name: spaces and non-ASCII letters are fine (ITK writes "scan 1.raw"); a
-    "%", "LIST" or control characters are not."""
-    return bool(name) and name.upper() != "LIST" and "%" not in name and not any(
-        ord(c) < 32 or ord(c) == 127 for c in name)
-
-
-def _data_holds(source: Path, offset: int, expected: int, compressed: bool) -> bool:
-    """Whether ``source`` from ``offset`` holds ``expected`` bytes of voxels (after inflating, if compressed).
-
-    A compressed stream is inflated (and discarded) only up to ``expected`` bytes.
-    """
-    if not compressed:
-        return source.stat().st_size - offset >= expected
-    inflate = zlib.decompressobj(47)  # a zlib or gzip stream, as ITK's readers accept
-    total = 0
-    try:
-        with open(source, "rb") as fh:
-            fh.seek(offset)
-            buf = fh.read(1 << 20)
-            while buf and total < expected:
-                total += len(inflate.decompress(buf, 1 << 24))
-                buf = inflate.unconsumed_tail or (b"" if inflate.eof else fh.read(1 << 20))
-    except (OSError, zlib.error):
-        return False
-    return total >= expected
-
-
-def _refuse_short_data(path: Path, expected: int, compressed: bool) -> None:
-    what = "compressed voxel data is truncated or corrupt" if compressed else "voxel data is truncated"
-    raise UserError(f"{path}: the {what} (the header declares {expected:,} bytes of voxels, the file holds fewer); "
-                    "copy or export the file again")
-
-
-def _metaimage_data_complete(path: Path, fields: dict[str, str], data_start: int, expected: int) -> None:
-    """Refuse MetaImage voxel data shorter than the header declares, before ITK allocates the image.
-
-    ITK fills missing compressed data with zeros without a word (as it does for truncated
-    NIfTI), and allocates the declared size before it finds raw data missing.
-    """
-    compressed = fields.get("CompressedData", "").lower().startswith("t")
-    data_file = fields.get("ElementDataFile", "")
-    if data_file.upper() == "LOCAL":
-        source, offset = path, data_start
-    elif _plain_file_name(data_file) and fields.get("HeaderSize", "0") == "0":
-        source, offset = path.parent / data_file, 0
-    else:  # LIST, file patterns, headers to skip: left to ITK
-        return
-    if source.is_file() and not _data_holds(source, offset, expected, compressed):
-        _refuse_short_data(path, expected, compressed)
-
-
-def _nrrd_data_complete(path: Path, expected: int) -> None:
-    """Refuse an attached NRRD whose raw or gzip voxel data is shorter than its header declares.
-
-    ITK allocates the declared size before it finds the data missing: seconds and gigabytes
-    for a damaged header on a kilobyte file.
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    end = head.find(b"\n\n")
-    if not head.startswith(b"NRRD") or end < 0:
-        return
-    fields = {}
-    for line in head[:end].decode("latin-1").splitlines()[1:]:
-        key, sep, value = line.partition(":")
-        if sep and not line.startswith("#") and not value.startswith("="):
-            fields[key.strip().lower()] = value.strip().lower()
-    if any(k in fields for k in ("data file", "datafile", "line skip", "lineskip", "byte skip", "byteskip")):
-        return  # detached or offset data: left to ITK
-    encoding = fields.get("encoding", "")
-    if encoding in ("raw", "gz", "gzip"):
-        compressed = encoding != "raw"
-        if not _data_holds(path, end + 2, expected, compressed):
-            _refuse_short_data(path, expected, compressed)
-
-
-def _read_file(path: Path) -> sitk.Image:
+def _read_file(path: Path, io: str | None = None) -> sitk.Image:
+    """Read one image file after the checks of this module; ``io`` forces ITK's reader (else chosen by name)."""
+    reason = not_regular_reason(path)
+    if reason is not None:
+        raise UserError(f"{path}: {reason}")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty (0 bytes)")
-    metaimage = path.name.endswith((".mha", ".mhd"))  # the only names ITK's MetaImage reader takes
-    if metaimage:
+    io = io or _image_io(path)
+    if io == "MetaImageIO":
         meta_fields, meta_data_start = _metaimage_precheck(path)
-    _check_dicom_lengths(path)  # a no-op for files without the DICOM preamble
+    elif io == "NrrdImageIO":
+        _nrrd_precheck(path)
+    elif io == "GDCMImageIO":
+        _check_dicom_lengths(path)
+    header = raw_header(path) if io == "NiftiImageIO" else None
     reader = sitk.ImageFileReader()
+    reader.SetImageIO(io)
     reader.SetFileName(str(path))
     reader.LoadPrivateTagsOff()
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
+        if header is not None:  # ITK refuses some headers the checks below explain better (a sheared sform)
+            check_scaling(path, header)
+            nifti_grid(path, header)
         raise UserError(f"{path}: cannot read it as an image ({_itk_reason(exc)}); supported are NIfTI, NRRD, "
                         "MHA/MHD, DICOM files and DICOM series folders") from None
     dim, size = reader.GetDimension(), reader.GetSize()
     _check_header(path, dim, size, reader.GetSpacing(), reader.GetNumberOfComponents())
     bytes_per_voxel = _PIXEL_BYTES.get(reader.GetPixelID(), 8) * reader.GetNumberOfComponents()
     _check_memory(path, int(np.prod(size, dtype=np.int64)), bytes_per_voxel)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _nifti_complete(path)
+    nifti = None
+    if header is not None:
+        # The scaling and the grid as the standard defines them, before any voxel is read.
+        check_scaling(path, header)
+        grid = nifti_grid(path, header)
+        nifti = load_header(path)
+        _nifti_complete(path, nifti)
+    elif io == "GDCMImageIO":
+        _check_dicom_pixel_spacing(path, reader)
     n_bytes = int(np.prod(size, dtype=np.int64)) * bytes_per_voxel
-    if metaimage:
+    if io == "MetaImageIO":
         _metaimage_data_complete(path, meta_fields, meta_data_start, n_bytes)
-    elif path.name.lower().endswith(".nrrd"):
+    elif io == "NrrdImageIO":
         _nrrd_data_complete(path, n_bytes)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise UserError(f"{path}: cannot read the voxel data ({_itk_reason(exc)}); the file may be truncated "
                         "or corrupt") from None
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _nifti_finite(path)
+    if nifti is not None:
+        _nifti_finite(path, nifti)
     if image.GetDimension() > 3:  # trailing singleton dimensions, checked above
         image = sitk.Extract(image, size=list(image.GetSize()[:3]) + [0] * (image.GetDimension() - 3),
                              index=[0] * image.GetDimension())
+    if nifti is not None and not Geometry.from_sitk(image).same_grid(grid):
+        # ITK chose the other transform, or took a NaN pixdim as 1 mm: use the one nifti_grid
+        # chose by the standard, which is also nibabel's.
+        grid.apply_to(image)
     _check_direction(path, image.GetDirection())
     return image
+
+
+def _check_dicom_pixel_spacing(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a single DICOM file without a valid PixelSpacing, which GDCM would read as 1 x 1 mm.
+
+    An enhanced (multi-frame) file keeps PixelSpacing in its functional groups, which GDCM reads
+    but does not list among the file's top-level tags; when the top level has none, the tag is
+    looked for in the file's bytes (explicit or implicit little-endian encoding).
+    """
+    if reader.HasMetaDataKey("0028|0030"):
+        if _pixel_spacing_value(reader.GetMetaData("0028|0030")) is None:
+            value = reader.GetMetaData("0028|0030")[:40]
+            raise UserError(f"{path}: the DICOM file's PixelSpacing (0028,0030) {value!r} is not two positive "
+                            "numbers; fix the file or export the scan again")
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = data.find(b"\x28\x00\x30\x00")
+        for _ in range(1000):  # pixel data may hold the same four bytes by chance
+            if pos < 0:
+                break
+            explicit = data[pos + 4:pos + 6] == b"DS"
+            length = struct.unpack_from("<H" if explicit else "<I", data, pos + 6 if explicit else pos + 4)[0] \
+                if pos + 8 <= len(data) else 0
+            if 0 < length <= 64 and _pixel_spacing_value(bytes(data[pos + 8:pos + 8 + length]).decode("latin-1")):
+                return
+            pos = data.find(b"\x28\x00\x30\x00", pos + 1)
+    raise UserError(f"{path}: the DICOM file has no PixelSpacing (0028,0030), so the size of its pixels is unknown "
+                    "(ITK would assume 1 x 1 mm); export the scan again with its pixel spacing")
+
+
+def _pixel_spacing_value(text: str) -> tuple[float, float] | None:
+    """The two numbers of a PixelSpacing value, or None when it is not two positive finite numbers."""
+    try:
+        values = [float(v) for v in text.strip().strip("\x00").split("\\") if v.strip()]
+    except ValueError:
+        return None
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        return None
+    return values[0], values[1]
 
 
 def _check_direction(path: Path, direction: Sequence[float]) -> None:

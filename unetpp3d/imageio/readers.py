@@ -38,6 +38,7 @@ from unetpp3d.imageio.formats import (
     _check_finite,
     _read_file,
 )
+from unetpp3d.readable import require_file_or_folder
 
 
 def read_image(path: str | Path, series_uid: str | None = None, is_label: bool = False
@@ -63,9 +64,8 @@ def read_image(path: str | Path, series_uid: str | None = None, is_label: bool =
             with non-integer values.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    image = _read_dicom_folder(path, series_uid) if path.is_dir() else _read_file(path)
+    kind = require_file_or_folder(path, "input")  # a FIFO or device would block or never end
+    image = _read_dicom_folder(path, series_uid) if kind == "folder" else _read_file(path)
     geometry = Geometry.from_sitk(image)
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     del image

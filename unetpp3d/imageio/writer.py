@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from unetpp3d.atomic import atomic_path
+from unetpp3d.atomic import atomic_path, write_failed
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
+from unetpp3d.imageio.formats import _PIXEL_BYTES, _itk_reason
+from unetpp3d.imageio.headers import _metaimage_data_complete, _metaimage_precheck, _nrrd_data_complete
+from unetpp3d.imageio.nifti import _nifti_complete
+from unetpp3d.outputs import NIFTI_MARK
 
 # .mhd is left out on purpose: it writes a second (.raw) file that one atomic rename cannot cover.
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -41,15 +45,58 @@ def _check_shape(array: np.ndarray, geometry: Geometry, path: Path) -> None:
                          f"{geometry.size} (both in (x, y, z) order)")
 
 
-def _write(array_xyz: np.ndarray, geometry: Geometry, path: Path) -> Path:
+def _verify(tmp: Path, path: Path, geometry: Geometry, pixel_id: int, channels: int | None = None) -> None:
+    """Read back what was written: its header must give our grid and type, its data must be whole.
+
+    ITK's NIfTI writer does not report a failed write (a full disk leaves a truncated file and
+    no error), so a file is trusted only after its header is read back and its voxel data is
+    found complete. ``channels``: a 4D file of that many 3D volumes on ``geometry`` (probabilities).
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise write_failed(path, f"the written file cannot be read back: {_itk_reason(exc)}") from None
+    dim = 3 if channels is None else 4
+    if reader.GetDimension() != dim or (channels is not None and reader.GetSize()[3] != channels):
+        raise write_failed(path, f"the written file reads back as a {reader.GetDimension()}D image of size "
+                                 f"{reader.GetSize()}")
+    direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3].ravel()
+    written = Geometry(reader.GetSize()[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction)
+    if not written.same_grid(geometry) or reader.GetPixelID() != pixel_id:
+        kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        raise write_failed(path, f"the written file reads back as {written.describe()} of type {kind}, not the "
+                                 "grid and type that were written")
+    expected = int(np.prod(geometry.size, dtype=np.int64)) * _PIXEL_BYTES[pixel_id] * (channels or 1)
+    name = tmp.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            _nifti_complete(tmp)
+        elif name.endswith(".nrrd"):
+            _nrrd_data_complete(tmp, expected)
+        elif name.endswith(".mha"):
+            fields, start = _metaimage_precheck(tmp)
+            _metaimage_data_complete(tmp, fields, start, expected)
+    except UserError as exc:
+        # The reader's message names the temporary and advises re-exporting: keep only the finding.
+        finding = str(exc).split(": ", 1)[-1].split(";")[0]
+        raise write_failed(path, f"the written file is incomplete: {finding}") from None
+
+
+def _write(array_xyz: np.ndarray, geometry: Geometry, path: Path, note: str) -> Path:
     # SimpleITK takes (z, y, x) arrays; the transpose puts our (x, y, z) index order back.
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
     geometry.apply_to(image)
-    with atomic_path(path) as tmp:
+    # Becomes the NIfTI descrip field: how a later run tells a file it wrote (which it may
+    # replace) from a user's scan or reference (which it must not); see unetpp3d.outputs.
+    image.SetMetaData("ITK_FileNotes", f"{NIFTI_MARK} {note}")
+    pixel_id = image.GetPixelID()
+    with atomic_path(path, verify=lambda tmp: _verify(tmp, path, geometry, pixel_id)) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise UserError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1][:200]})") from None
+            raise write_failed(path, _itk_reason(exc)) from None
     return path
 
 
@@ -93,7 +140,7 @@ def write_mask(mask_xyz: np.ndarray, geometry: Geometry, path: str | Path) -> Pa
             raise ValueError(f"{path}: a mask must hold whole class numbers; round or argmax it first")
     elif not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"{path}: a mask must be integer or bool, got {mask.dtype}")
-    return _write(mask.astype(_label_dtype(mask), copy=False), geometry, path)
+    return _write(mask.astype(_label_dtype(mask), copy=False), geometry, path, "mask")
 
 
 def write_image(array_xyz: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
@@ -120,7 +167,7 @@ def write_image(array_xyz: np.ndarray, geometry: Geometry, path: str | Path) -> 
         array = array.astype(np.float32)
     elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.float32):
         raise ValueError(f"{path}: cannot write an image of type {array.dtype}")
-    return _write(array, geometry, path)
+    return _write(array, geometry, path, "image")
 
 
 def write_probabilities(probabilities: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
@@ -152,9 +199,11 @@ def write_probabilities(probabilities: np.ndarray, geometry: Geometry, path: str
                 for c in probs]
     image = sitk.JoinSeries(channels)
     del channels
-    with atomic_path(path) as tmp:
+    image.SetMetaData("ITK_FileNotes", f"{NIFTI_MARK} probabilities")  # see _write
+    channels = probs.shape[0]
+    with atomic_path(path, verify=lambda tmp: _verify(tmp, path, geometry, sitk.sitkFloat32, channels)) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise UserError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1][:200]})") from None
+            raise write_failed(path, _itk_reason(exc)) from None
     return path

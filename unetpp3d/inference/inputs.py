@@ -14,6 +14,7 @@ from pathlib import Path
 from unetpp3d.data.manifest import case_name, load_manifest
 from unetpp3d.errors import UserError
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
+from unetpp3d.readable import path_kind
 
 log = logging.getLogger("unetpp3d")
 
@@ -91,8 +92,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
     found: list[InputCase] = []
     for raw in inputs:
         path = Path(raw)
-        if not path.exists():
+        kind = path_kind(path)
+        if kind == "missing":
             found.append(InputCase(_image_name(path), path, "no such file or folder"))
+        elif kind == "other":  # opening a FIFO would wait for a writer; a device never ends
+            found.append(InputCase(_image_name(path), path, "is a FIFO, device or socket, not a scan file or folder"))
         elif path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES):
             manifest = load_manifest(path)
             cases = manifest.test or manifest.training

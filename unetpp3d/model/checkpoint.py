@@ -13,13 +13,15 @@ segment nothing, or everything, without an error.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unetpp3d.atomic import atomic_path
+from unetpp3d.atomic import atomic_path, write_failed
 from unetpp3d.errors import UserError
+from unetpp3d.readable import require_file
 
 # What trainer checkpoints carry (docs/architecture.md); a model-only file needs just the first two.
 PAYLOAD_KEYS = ("model_args", "state_dict", "preprocessing", "config", "epoch", "optimizer", "scheduler",
@@ -36,14 +38,42 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     Returns:
         The path written.
     """
+    return save_state_dict(payload, path)
+
+
+def save_state_dict(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, checked before the rename (see :func:`verify_zip`).
+
+    Raises:
+        UserError: naming ``path`` when the file cannot be written completely (a full disk).
+    """
     path = Path(path)
-    bad = non_finite_tensors(payload.get("state_dict") or {})
+    bad = non_finite_tensors(obj.get("state_dict", obj)) if isinstance(obj, dict) else []
     if bad:
         raise UserError(f"{path}: not saved, the weights are not finite ({_named(bad)})")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+    with atomic_path(path, verify=lambda tmp: verify_zip(tmp, path)) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+        except RuntimeError as exc:  # torch's zip writer reports a short write (a full disk) this way
+            raise write_failed(path, str(exc).strip().splitlines()[-1][:200]) from None
     return path
+
+
+def verify_zip(tmp: Path, path: Path) -> None:
+    """Refuse a written checkpoint (``tmp``, to become ``path``) whose zip directory is missing or points past its end.
+
+    Reading the directory (at the end of the file) and the last entry's extent catches a
+    truncated write without reading the whole checkpoint back.
+    """
+    size = tmp.stat().st_size
+    try:
+        with zipfile.ZipFile(tmp) as zf:
+            end = max((i.header_offset + len(i.filename) + 30 + i.compress_size for i in zf.infolist()), default=0)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise write_failed(path, f"the written checkpoint is not a complete zip archive ({exc})") from None
+    if end > size:
+        raise write_failed(path, f"the written checkpoint is truncated ({size:,} bytes, its entries need {end:,})")
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -63,8 +93,9 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
             or infinite values.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such checkpoint or weights file")
+    require_file(path, "checkpoint")  # a folder, FIFO or device is refused, not read
     try:
         loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -155,4 +186,6 @@ def resolve_model_path(source: str | Path) -> Path:
         raise UserError(f"{source}: no best.pt or last.pt in this folder; is it a training run folder?")
     if source.is_file():
         return source
+    if source.exists():  # a FIFO or device: refused, never opened
+        require_file(source, "checkpoint")
     raise UserError(f"{source}: no such checkpoint or run folder")

@@ -26,9 +26,11 @@ Dataset layout written by :func:`write_dataset` (the Medical Segmentation Decath
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -37,6 +39,7 @@ from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.hardware import refuse_unless_memory
 from unetpp3d.imageio.writer import write_image, write_mask
+from unetpp3d.outputs import MASK, NIFTI_IMAGE, OutputKind, check_outputs, nifti_mark
 from unetpp3d.synth.anatomy import (
     AIR_HU,
     FOV_MM,
@@ -220,6 +223,45 @@ def sample_geometry(task: str, seed: int, size: int = 96) -> dict:
 # measured with tracemalloc at sizes 32 and 64 (19-23 B) plus ITK's copy on writing.
 SYNTH_BYTES_PER_VOXEL = 26
 RANDOM_GEOMETRY_GROWTH = 1.25 * 1.25
+MAX_CASES = 10_000
+
+
+def _synthetic_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and str(data.get("name", "")).startswith("synthetic_")
+
+
+SYNTH_MANIFEST = OutputKind("synthetic-phantom manifest", (".json",), _synthetic_manifest)
+
+
+def _check_targets(task: str, n_cases: int, n_test: int, out: Path) -> None:
+    """Refuse before drawing anything when a file to be written exists and is not a phantom's."""
+    images, labels = [], []
+    for i in range(n_cases):
+        suffix = "Ts" if i >= n_cases - n_test else "Tr"
+        images.append(out / f"images{suffix}" / f"{task}_{i:03d}.nii.gz")
+        labels.append(out / f"labels{suffix}" / f"{task}_{i:03d}.nii.gz")
+    check_outputs([out / "manifest.json"], SYNTH_MANIFEST)
+    if (out / "manifest.json").is_file():
+        # A phantom dataset already (perhaps from a version that did not mark its files): its
+        # NIfTI files are phantoms too, and may be replaced.
+        image_kind = label_kind = OutputKind("phantom NIfTI", (".nii.gz",), lambda p: nifti_mark(p) is not None
+                                             or _nifti_header_readable(p))
+    else:
+        image_kind, label_kind = NIFTI_IMAGE, MASK
+    check_outputs(images, image_kind)
+    check_outputs(labels, label_kind)
+
+
+def _nifti_header_readable(path: Path) -> bool:
+    try:
+        nib.load(str(path))
+    except Exception:  # nibabel raises several types for files that are not NIfTI
+        return False
+    return True
 
 
 def write_dataset(task: str, n_cases: int, out_dir: str | Path, seed: int = 0, size: int = 96,
@@ -244,16 +286,19 @@ def write_dataset(task: str, n_cases: int, out_dir: str | Path, seed: int = 0, s
         The path of ``manifest.json``.
     """
     _check_task(task)
-    if n_cases < 1:
-        raise UserError(f"--cases {n_cases}: need at least one case")
+    if not 1 <= n_cases <= MAX_CASES:
+        raise UserError(f"--cases {n_cases}: give a number of phantoms from 1 to {MAX_CASES:,}")
     if size < 16:
         raise UserError(f"--size {size}: phantoms need at least 16 voxels per axis")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed {seed}: give a seed from 0 to {2**32 - 1}")
     # Random geometry draws up to 1.25x the voxels along each in-plane axis.
     voxels = size**3 * (RANDOM_GEOMETRY_GROWTH if random_geometry else 1.0)
     refuse_unless_memory(int(voxels * SYNTH_BYTES_PER_VOXEL), f"--size {size}: one phantom",
                          "choose a smaller --size")
     out = Path(out_dir)
     n_test = int(round(0.2 * n_cases)) if n_cases >= 3 else 0
+    _check_targets(task, n_cases, n_test, out)
     training, test = [], []
     for i in range(n_cases):
         case_seed = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, i]).generate_state(1)[0])

@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from unetpp3d.atomic import atomic_write_text
+from unetpp3d.atomic import atomic_write_text, write_failed
 from unetpp3d.preview import save_curves_png
 
 
@@ -38,7 +38,10 @@ class RunLog:
         if not active:
             return
         self._truncate_csv(first_epoch)
-        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=first_epoch + 1 if first_epoch else None)
+        try:
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=first_epoch + 1 if first_epoch else None)
+        except OSError as exc:
+            raise write_failed(folder / "tensorboard", exc.strerror or str(exc)) from None
 
     def _truncate_csv(self, first_epoch: int) -> None:
         rows = []
@@ -57,37 +60,55 @@ class RunLog:
         if not self.active:
             return
         tqdm.write(text)
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"{datetime.now().isoformat(timespec='seconds')} {text}\n")
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"{datetime.now().isoformat(timespec='seconds')} {text}\n")
+        except OSError as exc:
+            raise write_failed(self.log_path, exc.strerror or str(exc)) from None
 
     def epoch(self, row: dict[str, Any], validated: bool) -> None:
         """Append one epoch's row to metrics.csv, TensorBoard and train.log; redraw curves.png."""
         if not self.active:
             return
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore",
-                           lineterminator="\n").writerow({k: _fmt(v) for k, v in row.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
+                csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore",
+                               lineterminator="\n").writerow({k: _fmt(v) for k, v in row.items()})
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:  # a full disk: one line naming the file, not a traceback
+            raise write_failed(self.csv_path, exc.strerror or str(exc)) from None
+        try:
+            self._tensorboard(row, validated)
+        except OSError as exc:
+            raise write_failed(self.folder / "tensorboard", exc.strerror or str(exc)) from None
         step = row["epoch"]
-        self.tb.add_scalar("train/loss", row["train_loss"], step)
-        self.tb.add_scalar("train/lr", row["lr"], step)
         text = f"epoch {step}  loss {row['train_loss']:.4f}"
         if validated:
-            self.tb.add_scalar("val/dice", row["val_dice"], step)
-            for col in self.class_columns:
-                self.tb.add_scalar(f"val/{col}", row[col], step)
             text += f"  val_dice {row['val_dice']:.4f}"
             if len(self.class_columns) > 1:
                 text += " (" + ", ".join(f"{c[5:]} {row[c]:.4f}" for c in self.class_columns) + ")"
-        self.tb.flush()
         self.message(f"{text}  lr {row['lr']:.3g}  {row['seconds']:.1f} s")
         if validated:
             save_curves_png(self.csv_path, self.folder / "curves.png")
 
+    def _tensorboard(self, row: dict[str, Any], validated: bool) -> None:
+        step = row["epoch"]
+        self.tb.add_scalar("train/loss", row["train_loss"], step)
+        self.tb.add_scalar("train/lr", row["lr"], step)
+        if validated:
+            self.tb.add_scalar("val/dice", row["val_dice"], step)
+            for col in self.class_columns:
+                self.tb.add_scalar(f"val/{col}", row[col], step)
+        self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            try:
+                tb.close()
+            except OSError as exc:
+                raise write_failed(self.folder / "tensorboard", exc.strerror or str(exc)) from None
 
 
 def _fmt(value: Any) -> Any:
