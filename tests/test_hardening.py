@@ -586,10 +586,11 @@ def test_a_full_disk_during_synth_check_and_evaluate_is_one_line(tmp_path, monke
         _full_disk(patch)
         assert "could not write" in cli_error(["synth", "--out", str(tmp_path / "more"), "--cases", "2", "--size",
                                                "16"], capsys)
-        assert "fingerprint.json: could not write" in cli_error(["check", "--manifest", str(manifest)], capsys)
-        assert "scores.csv: could not write" in cli_error(
+        assert "fingerprint.json: could not write" in cli_error(["check", "--manifest", str(manifest), "--out",
+                                                                 str(tmp_path / "fp")], capsys)
+        assert "evaluation.csv: could not write" in cli_error(
             ["evaluate", "--pred", str(tmp_path / "data" / "labelsTr"), "--ref", str(manifest), "--out",
-             str(tmp_path / "scores.csv")], capsys)
+             str(tmp_path / "scores")], capsys)
     assert not (tmp_path / "more" / "manifest.json").exists()
     _no_partial_files(tmp_path)
 
@@ -679,7 +680,7 @@ def test_fifos_and_devices_are_refused_wherever_a_file_is_read(model, scan, tmp_
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "task": "liver",
                                     "training": [{"image": str(fifo / "scan.nii.gz"), "label": str(scan)}]}))
-    assert "named pipe" in refused(["check", "--manifest", manifest], 1)  # reported as the case's problem
+    assert "named pipe" in refused(["check", "--manifest", manifest, "--out", tmp_path / "fp"])  # the case's problem
     assert "named pipe" in refused(["train", "--manifest", manifest, "--config", fifo / "config.yaml", "--out", out])
     assert "named pipe" in refused(["infer", scan, "--out", out, "--model", fifo / "model.pt", "--device", "cpu"])
     assert "FIFO" in refused(["evaluate", "--pred", fifo / "mask.nii.gz", "--ref", scan])

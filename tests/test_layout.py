@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unetpp3d"
 # order data flows through them, then the bundle and the commands that orchestrate them.
 LAYERS = [
     {"errors", "strictjson"},
-    {"tasks", "geometry", "hardware", "atomic"},
-    {"config", "preview"},
+    {"tasks", "geometry", "hardware", "atomic", "readable"},
+    {"config", "preview", "outputs"},
     {"imageio"},
     {"data", "model"},
     {"synth", "evaluation"},

@@ -187,28 +187,33 @@ def test_check_refuses_a_fingerprint_path_naming_an_input_or_a_file_not_ours(dat
     assert digest(dataset.parent) == before
 
 
-def test_check_rewrites_its_own_fingerprint(dataset, capsys):
-    assert run_check(dataset) == 0
-    assert run_check(dataset) == 0
+def test_check_rewrites_its_own_fingerprint(dataset, tmp_path):
+    assert run_check(dataset, out_dir=tmp_path / "fp") == 0
+    assert run_check(dataset, out_dir=tmp_path / "fp") == 0
 
 
-@pytest.mark.parametrize("target", ["reference", "prediction", "manifest", "a CSV of the user's"])
-def test_evaluate_refuses_an_out_naming_a_mask_or_a_file_not_ours(tmp_path, dataset, capsys, target):
+@pytest.mark.parametrize("target", ["a reference mask", "the manifest", "a table of the user's",
+                                    "a summary of the user's"])
+def test_evaluate_refuses_an_out_naming_a_mask_or_holding_files_not_ours(tmp_path, dataset, capsys, target):
     preds = tmp_path / "preds"
     preds.mkdir()
-    pred = write_mask((sphere() > 0).astype(np.uint8), Geometry.from_dict({
-        "size": sphere().shape, "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}),
-        preds / "c0.nii.gz")
-    mine = tmp_path / "mine.csv"
-    mine.write_text("patient,score\n")
-    out = {"reference": dataset.parent / "c0_seg.nii.gz", "prediction": pred, "manifest": dataset,
-           "a CSV of the user's": mine}[target]
-    before = {p: digest(p) for p in (dataset.parent, preds, mine)}
+    grid = Geometry(sphere().shape, (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_mask((sphere() > 0).astype(np.uint8), grid, preds / "c0.nii.gz")
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    (scores / "evaluation.csv").write_text("patient,score\n")
+    (scores / "summary.json").write_text('{"my": "summary"}\n')
+    out = {"a reference mask": dataset.parent / "c0_seg.nii.gz", "the manifest": dataset,
+           "a table of the user's": scores, "a summary of the user's": scores}[target]
+    if target == "a summary of the user's":
+        (scores / "evaluation.csv").unlink()
+    before = {p: digest(p) for p in (dataset.parent, preds, scores)}
     err = one_line_error(["evaluate", "--pred", preds, "--ref", dataset, "--out", out], capsys)
     assert "--out" in err
     assert {p: digest(p) for p in before} == before
-    assert run_evaluation(preds, dataset) == 0  # the default table, and again over itself
-    assert run_evaluation(preds, dataset) == 0
+    mine = tmp_path / "mine"
+    assert run_evaluation(preds, dataset, out=mine) == 0
+    assert run_evaluation(preds, dataset, out=mine) == 0  # a rerun replaces its own table and summary
 
 
 def test_synth_refuses_to_replace_a_manifest_or_image_not_its_own(tmp_path, capsys):
