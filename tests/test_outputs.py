@@ -248,3 +248,42 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     err = one_line_error(["demo", "--out", out, "--device", "cpu"], capsys)
     assert "not a previous demo's" in err
     assert (out / "data" / "thesis.tex").read_text() == "years of work\n"
+
+
+@pytest.mark.parametrize("extra", ["probabilities", "statistics table", "case statistics"])
+def test_infers_other_outputs_follow_the_same_rule(tmp_path, scan, model, capsys, extra):
+    """Probability maps and statistics: a user's file under their name is refused; ours is replaced."""
+    out = tmp_path / "masks"
+    out.mkdir()
+    if extra == "probabilities":
+        user = write_image(tmp_path / "probs" / "scan.nii.gz", sphere())
+        args = ["--save-probabilities", user.parent]
+    elif extra == "statistics table":
+        user = out / "statistics.csv"
+        user.write_text("subject,volume\n")
+        args = ["--statistics"]
+    else:
+        user = out / "scan.statistics.json"
+        user.write_text('{"mine": 1}\n')
+        args = ["--statistics"]
+    before = digest(user)
+    one_line_error(["infer", scan, "--out", out, *args, "--model", NO_MODEL, "--device", "cpu"], capsys)
+    assert digest(user) == before
+    user.unlink()
+    for _ in range(2):  # the second run replaces what the first wrote
+        assert run_inference([scan], out, model=model, device="cpu", statistics=extra != "probabilities",
+                             save_probabilities=args[1] if extra == "probabilities" else None) == 0
+
+
+def test_a_dicom_seg_of_the_users_is_refused_and_ours_replaced(shared_data, tmp_path, model, capsys):
+    series = shared_data / "dicom_small" / "CT5N_series"
+    out = tmp_path / "segs"
+    out.mkdir()
+    user = out / "CT5N_series.dcm"
+    user.write_bytes(next(p for p in sorted(series.iterdir()) if p.is_file()).read_bytes())  # someone's DICOM file
+    before = digest(user)
+    one_line_error(["infer", series, "--out", out, "--output-type", "dicom-seg", "--model", NO_MODEL], capsys)
+    assert digest(user) == before
+    user.unlink()
+    for _ in range(2):  # the second run replaces the SEG the first wrote
+        assert run_inference([series], out, model=model, device="cpu", output_type="dicom-seg") == 0
