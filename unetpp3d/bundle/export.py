@@ -67,7 +67,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from unetpp3d.atomic import atomic_write_bytes, atomic_write_text, write_failed
 from unetpp3d.bundle import check_unetpp3d
