@@ -358,7 +358,16 @@ def load_yaml(text: str, where: str) -> Any:
                                 f"are not allowed in configs; write the values out")
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{where}: not valid YAML ({exc})") from None
+        raise UserError(f"{where}: not valid YAML ({_yaml_reason(exc)})") from None
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's finding on one line (its message quotes the offending text over several lines)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())[:200]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -298,8 +298,8 @@ def _check_folder(folder: Path, resume: bool, force: bool) -> None:
 
 def _yaml_config(path: Path) -> bool:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, UserError):
         return False
     return isinstance(data, dict) and "model" in data and "train" in data
 
