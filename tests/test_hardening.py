@@ -488,10 +488,10 @@ def test_unicode_and_spaces_in_paths_through_every_command(tmp_path):
     result = unetpp3d("infer", images / "scan 1.nii.gz", "--out", single, "--model", run, "--device", "cpu")
     assert result.returncode == 0 and single.is_file(), result.stdout + result.stderr
 
-    scores = root / "scores ü.csv"
+    scores = root / "scores ü"
     result = unetpp3d("evaluate", "--pred", masks, "--ref", labels, "--out", scores)
     assert result.returncode == 0, result.stdout + result.stderr
-    with open(scores, newline="", encoding="utf-8") as fh:
+    with open(scores / "evaluation.csv", newline="", encoding="utf-8") as fh:
         assert sorted(r["case"] for r in csv.DictReader(fh)) == [n[:-7] for n in names]
 
     bundle = root / "bündle ü"
