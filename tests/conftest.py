@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
+from factories import write_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# One thread per process: on a shared 2-core machine several OpenMP threads per process wait on
-# each other and a run takes ten times longer. Results do not depend on it. ONE_THREAD is the
-# environment for subprocesses; the fixture below does the same for this process.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where CUDA is available; elsewhere they are skipped, saying why."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason=f"needs a CUDA device; torch.cuda.is_available() is False here (PyTorch "
-                                   f"{torch.__version__}); `make gpu-check` runs these on a GPU machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's tests (use with ``pytest.mark.usefixtures``)."""
@@ -44,18 +26,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real CT cases not found at {SHARED_DATA} (a fresh clone has none; CI has them)")
     return SHARED_DATA
-
-
-def write_image(path: Path, array_xyz: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
-    """Write an (x, y, z) array as an image file (format from the suffix) with the given geometry."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array_xyz).transpose(2, 1, 0)))
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(o) for o in origin])
-    img.SetDirection([float(d) for d in direction])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path))
-    return path
 
 
 @pytest.fixture

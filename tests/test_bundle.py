@@ -19,15 +19,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ONE_THREAD, write_image
+from factories import ONE_THREAD, make_prep, tiny_payload, write_image
+from factories import sphere_scan as factory_sphere_scan
 
 import unetpp3d
 from unetpp3d.bundle import check_unetpp3d
 from unetpp3d.bundle.components import scan_datalist
-from unetpp3d.bundle.configs import LOG_PROB_MIN, inference_config, meta_schema_path, verify_metadata
+from unetpp3d.bundle.configs import (
+    LOG_PROB_MIN,
+    inference_config,
+    meta_schema_path,
+    verify_metadata,
+)
 from unetpp3d.bundle.export import export_bundle
 from unetpp3d.commands.infer import run_inference
-from unetpp3d.config import Config, Preprocessing
 from unetpp3d.data.transforms import preprocess_transforms, preprocessing_specs
 from unetpp3d.errors import UserError
 from unetpp3d.inference.model_loading import bundle_metadata
@@ -41,26 +46,15 @@ AGREEMENT = 0.999  # share of voxels on which the bundle and `unetpp3d infer` mu
 
 
 def make_payload(task: str = "liver", **infer) -> dict:
-    torch.manual_seed(0)
-    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES)
-    name = "liver" if task == "liver" else "nodule"
-    prep = Preprocessing(task=task, labels={"0": "background", "1": name}, target_spacing=[1.5, 1.5, 1.5],
-                         intensity_range=[-1000.0, 1000.0], intensity_stats=[50.0, 100.0], patch_size=[32, 32, 32])
-    cfg = Config(task=task)
-    cfg.infer.overlap, cfg.infer.sw_batch_size, cfg.infer.min_component_ml = 0.25, 4, 0.01
-    for key, value in infer.items():
-        setattr(cfg.infer, key, value)
-    return {"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep.to_dict(),
-            "config": cfg.to_dict(), "epoch": 7, "best_metric": 0.8125,
-            "split": {"fold": 0, "training": ["a", "b", "c"], "validation": ["d"]}}
+    """The factory's tiny checkpoint with 1.5 mm voxels, a nodule size filter and a run's bookkeeping."""
+    payload = tiny_payload(task, prep=make_prep(task, spacing=(1.5, 1.5, 1.5)), epoch=7,
+                           **{"min_component_ml": 0.01, **infer})
+    payload.update(best_metric=0.8125, split={"fold": 0, "training": ["a", "b", "c"], "validation": ["d"]})
+    return payload
 
 
-def sphere_scan(shape=(40, 36, 24), centre=(20, 15, 12), radius_mm=10.0, spacing=(1.5, 1.5, 2.0)) -> np.ndarray:
-    idx = np.indices(shape).astype(float)
-    dist = np.sqrt(sum(((idx[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)))
-    scan = np.where(dist <= radius_mm, 200, -800).astype(np.int16)
-    scan[:3] = -1000  # air outside the body, so the body crop has something to remove
-    return scan
+def sphere_scan(**kwargs) -> np.ndarray:
+    return factory_sphere_scan(**{"radius_mm": 10.0, "air_rows": 3, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD
+from factories import ONE_THREAD
 
 from unetpp3d.bundle.training import labelled_datalist
 from unetpp3d.commands.infer import run_inference

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_readers import write_dicom_series
+from factories import write_dicom_series
 
 from unetpp3d.commands.check import run_check
 from unetpp3d.commands.cli import main

@@ -19,7 +19,11 @@ from unetpp3d.bundle.components import load_network
 from unetpp3d.config import Preprocessing
 from unetpp3d.inference.model_loading import bundle_metadata
 from unetpp3d.inference.predictor import Predictor
-from unetpp3d.model.checkpoint import load_checkpoint, resolve_model_path, save_checkpoint
+from unetpp3d.model.checkpoint import (
+    load_checkpoint,
+    resolve_model_path,
+    save_checkpoint,
+)
 
 
 def payload(value: float = 1.0, n: int = 10) -> dict:

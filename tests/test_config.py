@@ -7,7 +7,15 @@ import typing
 
 import pytest
 
-from unetpp3d.config import AugmentConfig, Config, DataConfig, InferConfig, ModelConfig, TrainConfig, load_config
+from unetpp3d.config import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    InferConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 from unetpp3d.errors import UserError
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "data.augment": AugmentConfig, "train": TrainConfig,

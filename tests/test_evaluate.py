@@ -8,12 +8,11 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
 from monai.networks.utils import one_hot
 
-from unetpp3d.errors import UserError
 from unetpp3d.commands.evaluate import case_name, run_evaluation
+from unetpp3d.errors import UserError
 from unetpp3d.evaluation.metrics import dice_per_class, score_arrays
 
 
@@ -217,7 +216,7 @@ def test_nothing_in_common(tmp_path, make_image):
 
 def test_real_label_stored_with_y_reversed(shared_data, tmp_path):
     """The DICOM case's label is stored with y reversed: it is re-indexed, not refused."""
-    from conftest import write_image
+    from factories import write_image
 
     from unetpp3d.geometry import align_label_to_image
     from unetpp3d.imageio.readers import read_image

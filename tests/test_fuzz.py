@@ -39,13 +39,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ONE_THREAD
+from factories import ONE_THREAD, write_dicom_series
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from test_readers import write_dicom_series
 
-from unetpp3d.errors import UserError
 from unetpp3d.data.manifest import load_manifest, split_cases
+from unetpp3d.errors import UserError
 from unetpp3d.imageio.readers import read_image
 
 # A read that takes longer than this is a hang: faulthandler dumps the stacks and exits.

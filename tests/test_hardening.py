@@ -30,15 +30,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, write_image
+from factories import ONE_THREAD, tiny_payload, write_image
+from factories import noisy_sphere as sphere
 
-from unetpp3d.model.checkpoint import load_checkpoint
-from unetpp3d.config import Config, Preprocessing
-from unetpp3d.errors import UserError
-from unetpp3d.model.network import UNetPlusPlus3D
-from unetpp3d.inference.predictor import Predictor
 from unetpp3d.commands.infer import run_inference
+from unetpp3d.errors import UserError
 from unetpp3d.imageio.readers import read_image
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.model.checkpoint import load_checkpoint
+from unetpp3d.model.network import UNetPlusPlus3D
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -75,23 +75,6 @@ class Background:
         self.proc.wait(timeout=timeout)
         self.log.seek(0)
         return self.log.read().decode("utf-8", "replace")
-
-
-def tiny_payload(task: str = "liver") -> dict:
-    torch.manual_seed(0)
-    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=(4, 8, 16))
-    prep = Preprocessing(task=task, labels={"0": "background", "1": "liver"}, target_spacing=[8.0, 8.0, 8.0],
-                         intensity_range=[-1000.0, 1000.0], intensity_stats=[50.0, 100.0], patch_size=[32, 32, 32],
-                         body_threshold_hu=-500.0)
-    return {"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep.to_dict(),
-            "config": Config(task=task).to_dict(), "epoch": 1}
-
-
-def sphere(shape=(40, 36, 24), centre=(20, 15, 12), radius=7.0, seed=0) -> np.ndarray:
-    idx = np.indices(shape).astype(float)
-    dist = np.sqrt(sum((idx[a] - centre[a]) ** 2 for a in range(3)))
-    noise = np.random.default_rng(seed).normal(0, 30, shape)
-    return (np.where(dist <= radius, 200, -800) + noise).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +252,8 @@ def test_two_infer_processes_writing_into_one_folder_do_not_corrupt_each_other(m
 
 @pytest.mark.slow
 def test_sigint_during_train_saves_last_pt_and_the_run_resumes(tmp_path):
-    from unetpp3d.synth.phantom import write_dataset
     from unetpp3d.commands.train import run_training
+    from unetpp3d.synth.phantom import write_dataset
 
     phantoms = write_dataset("liver", 3, tmp_path / "phantoms", seed=0, size=32)
     run = tmp_path / "run"
@@ -507,7 +490,7 @@ def test_unicode_and_spaces_in_paths_through_every_command(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", "dicom"])
 def test_every_format_reads_and_writes_under_unicode_paths_with_spaces(tmp_path, suffix):
-    from test_readers import write_dicom_series
+    from factories import write_dicom_series
 
     from unetpp3d.imageio.writer import write_mask
 

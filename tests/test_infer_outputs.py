@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_predictor import ThresholdNet, make_prep, save_checkpoint, sphere_scan, write_image
+from factories import ThresholdNet, make_prep, sphere_scan, write_image
+from factories import write_tiny_checkpoint as save_checkpoint
 from typer.testing import CliRunner
 
 import unetpp3d

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from unetpp3d.data.manifest import (
+    Case,
+    case_name,
+    load_manifest,
+    split_cases,
+    write_manifest,
+)
 from unetpp3d.errors import UserError
-from unetpp3d.data.manifest import Case, case_name, load_manifest, split_cases, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
-from test_hardening import sphere, tiny_payload
-from test_readers import write_dicom_series
+from factories import noisy_sphere as sphere
+from factories import tiny_payload, write_dicom_series, write_image
 
 from unetpp3d.commands.check import run_check
 from unetpp3d.commands.cli import main

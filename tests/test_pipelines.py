@@ -20,18 +20,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from conftest import write_image
+from factories import make_prep, write_image, write_tiny_checkpoint
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from unetpp3d.commands.cli import main as cli_main
-from unetpp3d.config import Config, Preprocessing
+from unetpp3d.config import Preprocessing
 from unetpp3d.errors import UserError
-from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.inference.pipeline import postprocess_transforms
 from unetpp3d.inference.postprocess import largest_component_filled
-from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
 from unetpp3d.inference.predictor import Predictor
+from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet
+from unetpp3d.model.network import UNetPlusPlus3D
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -89,20 +89,8 @@ def test_liver_without_a_tumour_predicted_is_cleaned_as_before():
 # ---------------------------------------------------------------------------------------------
 
 
-def make_prep(spacing=(8.0, 8.0, 8.0)) -> Preprocessing:
-    return Preprocessing(task="liver", labels={"0": "background", "1": "liver"}, target_spacing=list(spacing),
-                         intensity_range=[-1000.0, 1000.0], intensity_stats=[50.0, 100.0], patch_size=[32, 32, 32])
-
-
 def save_model(path: Path, seed: int, prep: Preprocessing) -> Path:
-    torch.manual_seed(seed)
-    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=FEATURES)
-    cfg = Config(task="liver")
-    cfg.infer.overlap = 0.25
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep.to_dict(),
-                "config": cfg.to_dict(), "epoch": 1}, path)
-    return path
+    return write_tiny_checkpoint(path, seed=seed, prep=prep, sw_batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from unetpp3d.config import Preprocessing, config_from_dict, load_config
-from unetpp3d.errors import UserError
-from unetpp3d.data.manifest import Case
 from unetpp3d.data.fingerprint import combine_fingerprints, fingerprint, label_histogram
+from unetpp3d.data.manifest import Case
+from unetpp3d.errors import UserError
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import compute_strides, minimum_patch, plan, target_spacing
 from unetpp3d.model.sizing import estimate_memory_gb, parameter_count, saved_activations

@@ -7,7 +7,12 @@ import pytest
 
 from unetpp3d.commands.check import run_check
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
-from unetpp3d.data.plausibility import field_of_view_warnings, intensity_warnings, volume_range, volume_warnings
+from unetpp3d.data.plausibility import (
+    field_of_view_warnings,
+    intensity_warnings,
+    volume_range,
+    volume_warnings,
+)
 from unetpp3d.geometry import Geometry
 from unetpp3d.imageio.readers import read_image
 from unetpp3d.synth.phantom import write_dataset

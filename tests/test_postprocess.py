@@ -12,9 +12,16 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, FillHoles
 
-from unetpp3d.inference.nodules import index_to_lps, nodule_components, write_nodule_report
+from unetpp3d.inference.nodules import (
+    index_to_lps,
+    nodule_components,
+    write_nodule_report,
+)
 from unetpp3d.inference.pipeline import postprocess_transforms
-from unetpp3d.inference.postprocess import largest_component_filled, remove_small_components
+from unetpp3d.inference.postprocess import (
+    largest_component_filled,
+    remove_small_components,
+)
 
 
 def grid(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):

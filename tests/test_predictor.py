@@ -17,59 +17,27 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import write_image
+from factories import (
+    FEATURES,
+    HU_MEAN,
+    ThresholdNet,
+    make_prep,
+    sphere_scan,
+    write_image,
+)
+from factories import write_tiny_checkpoint as save_checkpoint
 from torch import nn
 
 from unetpp3d.commands.infer import expand_inputs, run_inference
-from unetpp3d.config import Config, Preprocessing
 from unetpp3d.errors import UserError
 from unetpp3d.inference.model_loading import find_default_model
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.inference.windows import ProbabilityNet
 from unetpp3d.model.network import UNetPlusPlus3D
 
-FEATURES = (4, 8, 16)
-HU_MEAN = 50.0
-
-
-def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32)) -> Preprocessing:
-    # 8 mm voxels keep the real scans to a few 32^3 windows: these tests check geometry, not accuracy.
-    name = "liver" if task == "liver" else "nodule"
-    return Preprocessing(task=task, labels={"0": "background", "1": name}, target_spacing=list(spacing),
-                         intensity_range=[-1000.0, 1000.0], intensity_stats=[HU_MEAN, 100.0],
-                         patch_size=list(patch), body_threshold_hu=-500.0)
-
-
-def save_checkpoint(path, task: str = "liver", features=FEATURES, tta: bool = False, mode: str = "accurate",
-                    prune_level: int | None = None, **prep_args) -> os.PathLike:
-    torch.manual_seed(0)
-    net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
-    cfg = Config(task=task)
-    cfg.infer.overlap = 0.25
-    cfg.infer.sw_batch_size = 4
-    cfg.infer.tta, cfg.infer.mode, cfg.infer.prune_level = tta, mode, prune_level
-    payload = {"model_args": net.model_args, "state_dict": net.state_dict(),
-               "preprocessing": make_prep(task, **prep_args).to_dict(), "config": cfg.to_dict(), "epoch": 1}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
-    return path
-
-
-class ThresholdNet(nn.Module):
-    """Logits whose argmax is 1 exactly where the normalised input is above 0 (HU above HU_MEAN)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([-x, x], dim=1) * 10.0
-
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def sphere_scan(shape=(40, 36, 24), centre=(20, 15, 12), radius_mm=8.0, spacing=(1.5, 1.5, 2.0)):
-    idx = np.indices(shape).astype(float)
-    dist = np.sqrt(sum(((idx[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)))
-    return np.where(dist <= radius_mm, 200, -800).astype(np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ONE_THREAD
+from factories import ONE_THREAD, write_dicom_series
 
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry, align_label_to_image, axis_mapping, check_pair
@@ -28,38 +28,6 @@ PERMUTED = (0, 0, 1, 1, 0, 0, 0, 1, 0)
 def ramp(shape=(8, 9, 10), dtype=np.float32) -> np.ndarray:
     """Distinct values everywhere, so any flip or transpose shows."""
     return np.arange(np.prod(shape), dtype=dtype).reshape(shape)
-
-
-def write_dicom_series(folder: Path, n: int = 4, uid: str = "1.2.826.0.1.3680043.2.1125.1", gap: float = 2.0,
-                       positions=None, orientations=None, prefix: str = "s", size: int = 8) -> Path:
-    """Write a tiny CT series, one file per slice, with the position/orientation tags set by hand.
-
-    ``positions`` are z values (x, y fixed at -10, -20) or full (x, y, z) tuples.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    positions = positions if positions is not None else [k * gap for k in range(n)]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k, z in enumerate(positions):
-        iop = orientations[k] if orientations is not None else (1, 0, 0, 0, 1, 0)
-        pixels = (np.arange(size * size).reshape(size, size) * (k + 1)).astype(np.int16)
-        img = sitk.GetImageFromArray(pixels)
-        img.SetSpacing((0.5, 0.5))
-        for tag, value in {
-            "0008|0060": "CT",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{uid}.{k + 1}",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
-            "0020|000e": uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(str(v) for v in (z if isinstance(z, tuple) else (-10, -20, z))),
-            "0020|0037": "\\".join(str(v) for v in iop),
-            "0028|0030": "0.5\\0.5",
-        }.items():
-            img.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k}.dcm"))
-        writer.Execute(img)
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import write_image
+from factories import write_image
 
 from unetpp3d.config import Config, Preprocessing
 from unetpp3d.model.network import UNetPlusPlus3D

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import write_image
+from factories import write_image
 
 from unetpp3d.config import DataConfig, Preprocessing
 from unetpp3d.data.manifest import load_manifest
-from unetpp3d.model.network import UNetPlusPlus3D
-from unetpp3d.inference.predictor import Predictor
 from unetpp3d.data.transforms import pad_value, train_transforms
+from unetpp3d.inference.predictor import Predictor
+from unetpp3d.model.network import UNetPlusPlus3D
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pipelines" / "real_ct_check.py"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ONE_THREAD
+from factories import ONE_THREAD
 from monai.data import Dataset
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet

@@ -16,10 +16,26 @@ from monai.data.image_reader import NibabelReader
 from monai.transforms import Invertd, RandomizableTrait
 
 from unetpp3d import UserError
-from unetpp3d.config import AugmentConfig, Config, DataConfig, Preprocessing, load_config, task_config_path
+from unetpp3d.config import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    Preprocessing,
+    load_config,
+    task_config_path,
+)
+from unetpp3d.data.transforms import (
+    TRAIN_RANDOM_START,
+    BodyMask,
+    RandRotateScaled,
+    eval_transforms,
+    inference_transforms,
+    make_dataset,
+    split_for_cache,
+    train_transforms,
+)
 from unetpp3d.imageio.readers import read_image
 from unetpp3d.synth.phantom import write_dataset
-from unetpp3d.data.transforms import TRAIN_RANDOM_START, BodyMask, RandRotateScaled, eval_transforms, inference_transforms, make_dataset, split_for_cache, train_transforms
 
 PATCH = [16, 16, 16]
 NO_AUG = AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, intensity_shift_prob=0, intensity_scale_prob=0,

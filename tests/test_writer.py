@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ONE_THREAD
+from factories import ONE_THREAD
 
 import unetpp3d.imageio.writer as writer_module
 from unetpp3d.atomic import atomic_write_text, final_suffix, temp_path_for
