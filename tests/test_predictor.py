@@ -41,15 +41,24 @@ def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32)) 
 
 
 def save_checkpoint(path, task: str = "liver", features=FEATURES, tta: bool = False, mode: str = "accurate",
-                    prune_level: int | None = None, **prep_args) -> os.PathLike:
+                    prune_level: int | None = None, all_foreground: bool = False,
+                    volume_range_ml: dict | None = None, **prep_args) -> os.PathLike:
     torch.manual_seed(0)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
+    if all_foreground:  # heads that say class 1 wherever they look
+        with torch.no_grad():
+            for head in net.heads:
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([0.0, 10.0]))
+    prep = make_prep(task, **prep_args).to_dict()
+    if volume_range_ml is not None:
+        prep["volume_range_ml"] = volume_range_ml
     cfg = Config(task=task)
     cfg.infer.overlap = 0.25
     cfg.infer.sw_batch_size = 4
     cfg.infer.tta, cfg.infer.mode, cfg.infer.prune_level = tta, mode, prune_level
     payload = {"model_args": net.model_args, "state_dict": net.state_dict(),
-               "preprocessing": make_prep(task, **prep_args).to_dict(), "config": cfg.to_dict(), "epoch": 1}
+               "preprocessing": prep, "config": cfg.to_dict(), "epoch": 1}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
@@ -356,6 +365,34 @@ def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys)
     assert "0 segmented, 1 skipped, 1 failed" in capsys.readouterr().out
     assert (out / "sphere.nii.gz").stat().st_mtime_ns == stamp
     assert run_inference([small_scan], out, model=ckpt, device="cpu", skip_existing=True) == 0
+
+
+def test_a_volume_far_outside_the_training_range_is_warned_about(small_scan, tmp_path, capsys, caplog):
+    """Segmented all the same; the log and the summary's note say the volume is implausible."""
+    model = save_checkpoint(tmp_path / "ranged" / "best.pt", all_foreground=True,
+                            volume_range_ml={"1": [1000.0, 2000.0]})
+    assert run_inference([small_scan], tmp_path / "out", model=model, device="cpu") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sphere"))
+    assert "warning: predicted liver volume" in row and "far outside the training set's 1000-2000 mL" in row
+    assert "predicted liver volume" in caplog.text
+    assert (tmp_path / "out" / "sphere.nii.gz").is_file()
+
+    # A checkpoint from before runs recorded the range: loads, segments the same, warns about nothing.
+    caplog.clear()
+    old = save_checkpoint(tmp_path / "old" / "best.pt", all_foreground=True)
+    payload = torch.load(old, weights_only=True)
+    del payload["preprocessing"]["volume_range_ml"]  # the key did not exist then
+    torch.save(payload, old)
+    assert run_inference([small_scan], tmp_path / "out_old", model=old, device="cpu") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sphere"))
+    assert "warning" not in row and "training set" not in caplog.text
+
+
+def test_a_stored_volume_range_is_checked_when_read():
+    data = make_prep().to_dict()
+    assert Preprocessing.from_dict({**data, "volume_range_ml": {"1": [10, 20.5]}}).volume_range_ml == {"1": [10, 20.5]}
+    with pytest.raises(UserError, match=r"preprocessing\.volume_range_ml: "):
+        Preprocessing.from_dict({**data, "volume_range_ml": {"1": "big"}})
 
 
 def test_inputs_folders_and_manifests(tmp_path, small_scan):
