@@ -93,23 +93,35 @@ def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), 
 
 
 def tiny_payload(task: str = "liver", features=FEATURES, seed: int = 0, prep: Preprocessing | None = None,
-                 epoch: int = 1, **infer) -> dict:
-    """A checkpoint payload of a randomly initialised tiny UNet++ (``infer`` sets the model's infer config)."""
+                 epoch: int = 1, all_foreground: bool = False, volume_range_ml: dict | None = None, **infer) -> dict:
+    """A checkpoint payload of a randomly initialised tiny UNet++ (``infer`` sets the model's infer config).
+
+    ``all_foreground``: heads that say class 1 wherever they look; ``volume_range_ml``: the
+    training set's label volumes, as ``unetpp3d train`` stores them in the preprocessing.
+    """
     torch.manual_seed(seed)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
+    if all_foreground:
+        with torch.no_grad():
+            for head in net.heads:
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([0.0, 10.0]))
+    prep_dict = (prep or make_prep(task)).to_dict()
+    if volume_range_ml is not None:
+        prep_dict["volume_range_ml"] = volume_range_ml
     cfg = Config(task=task)
     cfg.infer.overlap, cfg.infer.sw_batch_size = 0.25, 4
     for key, value in infer.items():
         setattr(cfg.infer, key, value)
-    return {"model_args": net.model_args, "state_dict": net.state_dict(),
-            "preprocessing": (prep or make_prep(task)).to_dict(), "config": cfg.to_dict(), "epoch": epoch}
+    return {"model_args": net.model_args, "state_dict": net.state_dict(), "preprocessing": prep_dict,
+            "config": cfg.to_dict(), "epoch": epoch}
 
 
 def write_tiny_checkpoint(path: Path, task: str = "liver", features=FEATURES, seed: int = 0,
-                          prep: Preprocessing | None = None, **infer) -> Path:
+                          prep: Preprocessing | None = None, **options) -> Path:
     """:func:`tiny_payload` saved at ``path`` (folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tiny_payload(task, features, seed, prep, **infer), path)
+    torch.save(tiny_payload(task, features, seed, prep, **options), path)
     return path
 
 

@@ -29,6 +29,7 @@ from factories import write_tiny_checkpoint as save_checkpoint
 from torch import nn
 
 from unetpp3d.commands.infer import expand_inputs, run_inference
+from unetpp3d.config import Preprocessing
 from unetpp3d.errors import UserError
 from unetpp3d.inference.model_loading import find_default_model
 from unetpp3d.inference.predictor import Predictor
@@ -324,6 +325,34 @@ def test_batch_continues_past_a_broken_input(ckpt, small_scan, tmp_path, capsys)
     assert "0 segmented, 1 skipped, 1 failed" in capsys.readouterr().out
     assert (out / "sphere.nii.gz").stat().st_mtime_ns == stamp
     assert run_inference([small_scan], out, model=ckpt, device="cpu", skip_existing=True) == 0
+
+
+def test_a_volume_far_outside_the_training_range_is_warned_about(small_scan, tmp_path, capsys, caplog):
+    """Segmented all the same; the log and the summary's note say the volume is implausible."""
+    model = save_checkpoint(tmp_path / "ranged" / "best.pt", all_foreground=True,
+                            volume_range_ml={"1": [1000.0, 2000.0]})
+    assert run_inference([small_scan], tmp_path / "out", model=model, device="cpu") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sphere"))
+    assert "warning: predicted liver volume" in row and "far outside the training set's 1000-2000 mL" in row
+    assert "predicted liver volume" in caplog.text
+    assert (tmp_path / "out" / "sphere.nii.gz").is_file()
+
+    # A checkpoint from before runs recorded the range: loads, segments the same, warns about nothing.
+    caplog.clear()
+    old = save_checkpoint(tmp_path / "old" / "best.pt", all_foreground=True)
+    payload = torch.load(old, weights_only=True)
+    del payload["preprocessing"]["volume_range_ml"]  # the key did not exist then
+    torch.save(payload, old)
+    assert run_inference([small_scan], tmp_path / "out_old", model=old, device="cpu") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sphere"))
+    assert "warning" not in row and "training set" not in caplog.text
+
+
+def test_a_stored_volume_range_is_checked_when_read():
+    data = make_prep().to_dict()
+    assert Preprocessing.from_dict({**data, "volume_range_ml": {"1": [10, 20.5]}}).volume_range_ml == {"1": [10, 20.5]}
+    with pytest.raises(UserError, match=r"preprocessing\.volume_range_ml: "):
+        Preprocessing.from_dict({**data, "volume_range_ml": {"1": "big"}})
 
 
 def test_inputs_folders_and_manifests(tmp_path, small_scan):

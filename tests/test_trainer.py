@@ -33,6 +33,7 @@ from unetpp3d.config import TrainConfig, load_config
 from unetpp3d.data.fingerprint import fingerprint
 from unetpp3d.data.loader import EpochSampler, TrainLoader
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
+from unetpp3d.data.plausibility import volume_range
 from unetpp3d.data.validation import inspect_case
 from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
 from unetpp3d.model.planning import plan
@@ -175,6 +176,10 @@ def test_resume_with_the_first_runs_command_line(phantoms, tmp_path):
     run = tmp_path / "run"
     first = TINY + ["train.epochs=1", "train.iterations_per_epoch=1"]
     run_training(phantoms, SMOKE, run, device="cpu", overrides=first)
+    # The training cases' label volumes (not validation's) go with the model, for infer's warning.
+    fp, split = (json.loads((run / name).read_text()) for name in ("dataset.fingerprint.json", "split.json"))
+    trained = volume_range([c["label_volumes_ml"] for c in fp["cases"] if c["name"] in split["training"]])
+    assert trained["1"][0] > 0 and load_checkpoint(run / "last.pt")["preprocessing"]["volume_range_ml"] == trained
     run_training(phantoms, SMOKE, run, resume=True, device="cpu",
                  overrides=TINY + ["train.epochs=2", "train.iterations_per_epoch=1"])  # --set still changes values
     assert last_epoch(run) == 2 and "resuming at epoch 2/2" in (run / "train.log").read_text()

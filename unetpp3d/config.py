@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -148,7 +149,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         if value not in get_args(hint):
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, get_args(hint)))}")
         return value
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:  # Union[X, Y] or X | Y
         for option in get_args(hint):
             try:
                 return _check_type(value, option, where)
@@ -188,7 +189,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        item = get_args(hint)[1]
+        if item is str:
+            return {str(k): str(v) for k, v in value.items()}
+        return {str(k): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
     raise AssertionError(f"unhandled type {hint} at {where}")
 
 
@@ -454,6 +458,9 @@ class Preprocessing:
     body_mask: Literal["threshold", "filled"] = "threshold"
     body_air_hu: float = -950.0  # "filled": a region outside the outline counts as body unless its median is below
     orientation: str = "RAS"
+    # Class number -> [smallest, largest] label volume (mL) among the training cases, for
+    # inference's warning about a volume far outside it. Older checkpoints lack it: no warning.
+    volume_range_ml: dict[str, list[float]] | None = None
 
     @property
     def num_classes(self) -> int:

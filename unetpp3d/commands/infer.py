@@ -24,7 +24,7 @@ from unetpp3d import __version__
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.config import INFER_MODES
 from unetpp3d.data.manifest import case_name
-from unetpp3d.data.plausibility import scan_warnings
+from unetpp3d.data.plausibility import scan_warnings, volume_warnings
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.imageio.dicom_seg import require_highdicom, write_dicom_seg
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
@@ -220,12 +220,23 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
         raise
     voxels = int(np.count_nonzero(result.mask_xyz))
     # Segmented all the same, but a result on such an input is likely meaningless: say so.
-    warnings = scan_warnings(result.image_xyz, result.geometry)
+    warnings = scan_warnings(result.image_xyz, result.geometry) + _volume_warnings(predictor, result.mask_xyz,
+                                                                                  result.geometry.voxel_volume_ml())
     for w in warnings:
         log.warning("%s: %s", case.name, w)
     note = "; ".join([*(f"warning: {w}" for w in warnings), *([note] if note else [])])
     outcome = _Outcome(case.name, "ok", result.seconds, voxels, voxels * result.geometry.voxel_volume_ml(), note)
     return outcome, rows
+
+
+def _volume_warnings(predictor: Predictor, mask: np.ndarray, voxel_ml: float) -> list[str]:
+    """Predicted class volumes far outside the training set's (none for a model that did not record it)."""
+    trained = predictor.prep.volume_range_ml
+    if not trained:
+        return []
+    counts = np.bincount(np.asarray(mask).reshape(-1).astype(np.int64), minlength=predictor.prep.num_classes)
+    volumes = {str(k): float(counts[k]) * voxel_ml for k in range(1, counts.size)}
+    return volume_warnings(volumes, trained, {str(k): str(v) for k, v in predictor.prep.labels.items()})
 
 
 def _check_dicom_inputs(cases: Sequence[InputCase]) -> None:
