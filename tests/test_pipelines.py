@@ -129,6 +129,13 @@ def test_ensemble_prediction_averages_the_folds_probabilities(folds, scan):
     assert result.mask_xyz.shape == (40, 36, 24)
 
 
+def test_folds_trained_on_other_cases_still_ensemble(tmp_path):
+    """The training set's organ volumes differ between folds; they describe the data, not the pipeline."""
+    ranged = [write_tiny_checkpoint(tmp_path / f"fold_{k}" / "best.pt", seed=k, prep=make_prep(),
+                                    volume_range_ml={"1": [700.0 + 50 * k, 1100.0 + 50 * k]}) for k in range(2)]
+    assert len(Predictor.from_source(ranged, device="cpu").networks) == 2
+
+
 def test_ensemble_of_models_with_other_preprocessing_is_refused(folds, tmp_path, capsys):
     other = save_model(tmp_path / "other" / "best.pt", seed=2, prep=make_prep(spacing=(4.0, 4.0, 4.0)))
     with pytest.raises(UserError, match=r"target_spacing: \[8.0, 8.0, 8.0\] vs \[4.0, 4.0, 4.0\]"):

@@ -160,10 +160,15 @@ def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module
     return net, prep, config or {}, path
 
 
+# Preprocessing fields that describe a model's training data rather than its input pipeline:
+# the folds of one cross-validation differ in them and still ensemble.
+_NOT_PIPELINE = ("volume_range_ml",)
+
+
 def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """``"name: value_a vs value_b"`` for each field of two models' preprocessing that differs."""
+    """``"name: value_a vs value_b"`` for each pipeline field of two models' preprocessing that differs."""
     a, b = Preprocessing.from_dict(dict(a)).to_dict(), Preprocessing.from_dict(dict(b)).to_dict()
-    return [f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key]]
+    return [f"{key}: {a[key]} vs {b[key]}" for key in a if a[key] != b[key] and key not in _NOT_PIPELINE]
 
 
 def model_infer_config(config: dict[str, Any] | None, source: str | Path) -> InferConfig:
