@@ -287,7 +287,7 @@ def test_another_runs_folder_is_not_overwritten(phantoms, tmp_path):
 def test_force_overwrites_only_run_files_and_fold_picks_the_split(phantoms, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.csv").write_text("old")
+    (out / "metrics.csv").write_text("epoch,train_loss,val_dice,lr,seconds\n7,0.5,,0.01,1.0\n")  # an old run's
     (out / "notes.txt").write_text("mine")
     run_training(phantoms, SMOKE, out, force=True, device="cpu", fold=1,
                  overrides=TINY + ["train.epochs=1", "train.iterations_per_epoch=1", "data.folds=2"])

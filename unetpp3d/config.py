@@ -63,6 +63,10 @@ class DataConfig:
     pos_fraction: float = 0.67  # share of patches centred on foreground
     samples_per_volume: int = 2
     crop_foreground: bool = True  # crop to the body before patching
+    # Validation cases that are training cases (the same file, a link or a byte copy) are refused:
+    # their score would measure memory. true only for a deliberate fit check
+    # (pipelines/real_ct_check.py), and the run log then says so.
+    allow_leaks: bool = False
     # What counts as body, for the crop and for where background patches are centred:
     # "threshold" (voxels above -500 HU), "filled" (the body's filled outline: keeps the lungs),
     # or "auto" (the planner's choice per task: filled for lung_nodule, threshold for liver).

@@ -264,7 +264,10 @@ def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None
     """Check every case, fingerprint them and resolve the config's ``auto`` values (new runs)."""
     cases = [*plan_.train_cases, *plan_.val_cases]
     leaks = leak_messages({"training": plan_.train_cases, "validation": plan_.val_cases})
-    if leaks:
+    if leaks and plan_.cfg.data.allow_leaks:
+        plan_.notes.append(f"data.allow_leaks: {len(leaks)} validation case(s) are training cases; validation "
+                           "measures the fit to the training data, not generalisation")
+    elif leaks:
         _refuse_problems(man, [f"{name}: {message}" for name, message in leaks])
     if plan_.resume_payload is not None:
         plan_.fingerprint = _check_cases(man, cases)
