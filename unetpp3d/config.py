@@ -93,6 +93,9 @@ class TrainConfig:
     # them (UNetPlusPlus3D.checkpointing): less memory for large patches, a little more time.
     checkpointing: bool = False
     deterministic: bool = False
+    # After training, time and score every UNet++ level on the validation cases (pruning.json),
+    # from which `infer --mode fast` picks its level. Off: fast mode keeps its fixed default.
+    measure_pruning: bool = True
 
 
 # The pruned UNet++ L^l that fast mode runs when infer.prune_level is null (capped at the depth).
