@@ -13,7 +13,8 @@ removed:
   ``ConvBlock``, strides, norm and upsampling with a plain decoder; wide U-Net: the same with
   widths scaled to the UNet++ DS's parameter count (:func:`~unetpp3d.model.unet.matched_features`);
   UNet++ without and with deep supervision: :class:`unetpp3d.model.network.UNetPlusPlus3D`.
-* **Same training.** One :class:`unetpp3d.training.trainer.Trainer` per model and fold, built
+* **Same training.** One :class:`unetpp3d.training.trainer.Trainer` per model and fold, built by
+  :func:`~unetpp3d.training.trainer.build_trainer` (the loop and loaders of ``unetpp3d train``)
   from the protocol's config (``pipelines/lidc_experiment.yaml``): same loss (Dice + CE, equal
   head weights under deep supervision), optimiser, schedule, iterations, patch stream and seed.
   The checkpoint kept is the one with the best validation Dice (sliding window on whole
@@ -71,12 +72,12 @@ if str(REPO) not in sys.path:
 
 from monai.data import MetaTensor  # noqa: E402
 from monai.inferers import sliding_window_inference  # noqa: E402
-from monai.transforms import Compose, Invertd  # noqa: E402
+from monai.transforms import Invertd  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict  # noqa: E402
-from unetpp3d.data.loader import TrainLoader  # noqa: E402
-from unetpp3d.data.transforms import eval_transforms, pad_value, split_for_cache, train_transforms  # noqa: E402
+from unetpp3d.data.manifest import Case  # noqa: E402
+from unetpp3d.data.transforms import eval_transforms, pad_value  # noqa: E402
 from unetpp3d.evaluation.stats import bootstrap_mean, paired_difference, spearman, t_interval  # noqa: E402
 from unetpp3d.imageio.readers import read_image  # noqa: E402
 from unetpp3d.inference.pruning import measure_pruning, write_pruning_table  # noqa: E402
@@ -85,11 +86,8 @@ from unetpp3d.model.checkpoint import load_checkpoint  # noqa: E402
 from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
 from unetpp3d.model.unet import UNet3D, count_parameters, matched_features  # noqa: E402
 from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
-from unetpp3d.hardware import autocast_dtype  # noqa: E402
-from unetpp3d.training.optim import make_optimizer, make_scheduler  # noqa: E402
 from unetpp3d.training.rng import seed_everything  # noqa: E402
-from unetpp3d.training.runlog import RunLog  # noqa: E402
-from unetpp3d.training.trainer import Trainer  # noqa: E402
+from unetpp3d.training.trainer import build_trainer  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lidc_nodule_crops"
 DEFAULT_CONFIG = Path(__file__).with_name("lidc_experiment.yaml")
@@ -197,39 +195,20 @@ def make_prep(cfg: Config) -> Preprocessing:
                          patch_size=[int(v) for v in cfg.data.patch_size], crop_foreground=cfg.data.crop_foreground)
 
 
-class CachedItems(torch.utils.data.Dataset):
-    """Preprocessed crops held in memory, each drawn through the random part of the training pipeline."""
-
-    def __init__(self, items: Sequence[dict], transform: Compose):
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.transform(copy.deepcopy(self.items[index]))  # the cached crop itself stays untouched
-
-
 _CACHE: dict[str, Any] = {}
 
 
 def _preprocess(crops: Sequence[Crop], cfg: Config) -> None:
-    """Fill this process's cache: every crop preprocessed once (eval and training heads) and its native mask."""
+    """Fill this process's scoring cache: every crop preprocessed once, its native mask, and the Case
+    each training reads (training and validation load their crops as ``unetpp3d train`` does)."""
     prep = make_prep(cfg)
     eval_pipe = eval_transforms(prep, ("image", "label"))
-    head, tail = split_for_cache(train_transforms(prep, cfg.data))
-    n = len(eval_pipe.transforms)
-    if [type(t) for t in head.transforms[:n]] != [type(t) for t in eval_pipe.transforms]:
-        raise SystemExit("the training pipeline no longer starts with the evaluation one; update _preprocess")
-    pads = Compose(head.transforms[n:])  # training's padding to the crop size
-    items, train_items, native = {}, {}, {}
+    items, native = {}, {}
     for crop in crops:
-        item = eval_pipe({"image": crop.image, "label": crop.mask})
-        items[crop.name] = item
-        train_items[crop.name] = pads(copy.deepcopy(item))
+        items[crop.name] = eval_pipe({"image": crop.image, "label": crop.mask})
         native[crop.name] = read_image(crop.mask, is_label=True)[0] > 0
-    _CACHE.update(prep=prep, eval_pipe=eval_pipe, tail=tail, items=items, train_items=train_items, native=native)
+    cases = {c.name: Case(c.name, Path(c.image), Path(c.mask)) for c in crops}
+    _CACHE.update(prep=prep, eval_pipe=eval_pipe, items=items, native=native, cases=cases)
 
 
 def _init_worker(crops: Sequence[Crop], cfg_dict: dict, threads: int) -> None:
@@ -407,22 +386,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     split = job["split"]
     start = time.perf_counter()
     seed_everything(cfg.train.seed)  # the same initial draw for every model of a fold
-    net = build_model(name, cfg).to(device)
+    net = build_model(name, cfg)
     loss_fn = DeepSupervisionLoss(prep.num_classes, cfg.train.head_weights, kind=cfg.train.loss)
-    optimizer = make_optimizer(net.parameters(), cfg.train)
-    amp = autocast_dtype(cfg.train.amp, device, name="train.amp")
-    train_items = CachedItems([_CACHE["train_items"][n] for n in split["training"]], _CACHE["tail"])
-    # The same patch stream for every model of a fold: the loader's draws depend on the seed only.
-    loader = TrainLoader(train_items, batch_size=int(cfg.data.batch_size), samples_per_volume=cfg.data.samples_per_volume,
-                         iterations=cfg.train.iterations_per_epoch, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                         pin_memory=device.type == "cuda")
-    val = [{"image": _CACHE["items"][n]["image"][None], "label": _CACHE["items"][n]["label"][None]}
-           for n in split["validation"]]
-    trainer = Trainer(cfg=cfg, prep=prep, net=net, model=net, loss_fn=loss_fn, optimizer=optimizer,
-                      scheduler=make_scheduler(optimizer, cfg.train),
-                      scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
-                      train_loader=loader, val_loader=val, device=device, folder=folder,
-                      split={"fold": fold, **split}, log=RunLog(folder, ["nodule"]), amp=amp)
+    # The loop, optimiser, schedule, precision and loaders of `unetpp3d train`, for every model alike; the
+    # patch stream depends on the seed only, so each model of a fold sees the same patches.
+    trainer = build_trainer(cfg, prep, net, loss_fn, [_CACHE["cases"][n] for n in split["training"]],
+                            [_CACHE["cases"][n] for n in split["validation"]], folder, device,
+                            split={"fold": fold, **split})
     signum = trainer.fit()
     if signum is not None:  # Ctrl-C or SIGTERM: the trainer stopped in order; the experiment stops too
         raise SystemExit(128 + signum)
@@ -435,7 +405,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     pruning = None
     if name == "unetpp_ds" and best.is_file():
         # The run's own pruning table, as `unetpp3d train` writes it: infer --mode fast reads it.
-        pruning = measure_pruning(net, val, prep.patch_size, num_classes=prep.num_classes,
+        pruning = measure_pruning(net, trainer.val_loader, prep.patch_size, num_classes=prep.num_classes,
                                   sw_batch_size=cfg.infer.sw_batch_size, overlap=cfg.infer.overlap, cval=pad_value(prep),
                                   device=device, timing_cases=job["timing_crops"])
         write_pruning_table(pruning, best)

@@ -136,7 +136,7 @@ def test_cli_writes_labels_on_the_scans_grid_and_a_report_per_point(chest, tmp_p
                       encoding="utf-8")
     out = tmp_path / "out"
     rc = run_inference([path], out, model=ckpt, points=points, device="cpu", crop_mm=40.0)
-    assert rc == 1  # the point outside the scan is a failure of the input, reported, not raised
+    assert rc == 2  # the point outside the scan is the user's to fix: reported, not raised
     mask, scan = sitk.ReadImage(str(out / "chest.nii.gz")), sitk.ReadImage(str(path))
     assert mask.GetSize() == scan.GetSize()
     np.testing.assert_allclose(mask.GetSpacing(), scan.GetSpacing())

@@ -233,7 +233,8 @@ def _run_points(cases: Sequence[InputCase], out: Path, points_path: Path, crop_m
     write_mask(labels, geometry, mask_path)  # last: an existing mask means a finished run
     log.info("%s: wrote %s (label i = the nodule of row i) and its .points.json/.csv", case.name, mask_path)
     print(format_results(results))
-    return 1 if any(r.status in ("outside", "failed") for r in results) else 0
+    # A point outside the scan is the user's to fix (2); a crop that failed otherwise is 1.
+    return exit_status(sum(r.status == "outside" for r in results), sum(r.status == "failed" for r in results))
 
 
 def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | Sequence[str | Path] | None = None,
@@ -287,7 +288,8 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         or skipped; 2 when some case failed for a reason the user can fix (a missing or
         unreadable input, a DICOM series that cannot be read or referenced); 1 when some case
         failed otherwise (1 wins over 2). Each failed case is listed in the summary table printed
-        at the end.
+        at the end. With ``points``: 2 when a point lies outside the scan, 1 when a crop failed
+        otherwise; "nothing found" is an answer, not a failure.
 
     Raises:
         UserError: no usable model, bad settings, or outputs that cannot be named (checked
