@@ -104,6 +104,9 @@ class TrainConfig:
     # epoch with no finite step, or non-finite weights) stop training with a one-line error and
     # keep the last checkpoint whose weights are finite (unetpp3d.training.trainer).
     max_nonfinite_steps: int = 5
+    # After training, time and score every UNet++ level on the validation cases (pruning.json),
+    # from which `infer --mode fast` picks its level. Off: fast mode keeps its fixed default.
+    measure_pruning: bool = True
 
 
 # The pruned UNet++ L^l that fast mode runs when infer.prune_level is null (capped at the depth).

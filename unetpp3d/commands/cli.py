@@ -177,7 +177,7 @@ def infer(
     out: Path = typer.Option(..., "--out", "-o", help="Mask file for one input (.nii.gz; .dcm with --output-type dicom-seg), or a folder for several."),
     model: Optional[list[Path]] = typer.Option(None, help="Checkpoint, run folder or exported bundle (default: the newest run in ./runs, printed). Repeat to ensemble models that share their preprocessing, such as the folds of a cross-validation: their probabilities are averaged."),
     mode: Optional[Mode] = typer.Option(None, help="accurate (mean of all heads' probabilities) or fast (pruned network) (default: the model's infer.mode, else accurate)."),
-    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: the model's infer.prune_level, else 2)."),
+    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: the model's infer.prune_level; else the smallest level within 0.01 validation Dice of the best, from the run's pruning.json; else 2)."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation, 8 flips (default: the model's infer.tta)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's infer.overlap)."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass (default: the model's infer.sw_batch_size)."),
@@ -200,8 +200,10 @@ def infer(
                                                                       "inside the mask, in <case>.statistics.json "
                                                                       "beside each mask, and in statistics.csv for "
                                                                       "a folder of outputs."),
+    points: Optional[Path] = typer.Option(None, help="CSV of nodule locations in the one input scan: coordX,coordY,coordZ in world LPS mm (as LUNA16), optional id. Segments the nodule at each point; OUT is a folder."),
+    crop_mm: Optional[float] = typer.Option(None, help="With --points: edge of the cube cropped around each point, in mm (default 64)."),
 ) -> None:
-    """Segment scans and write masks on each scan's own grid.
+    """Segment scans and write masks on each scan's own grid (or, with --points, the nodule at each point).
 
     Exit status 2 when some input has a problem you can fix (missing, unreadable), 1 when some
     case failed otherwise; each failed case is listed in the summary.
@@ -210,7 +212,7 @@ def infer(
         inputs=inputs, out=out, model=model or None, mode=mode.value if mode else None, prune_level=prune_level,
         tta=tta, overlap=overlap, batch_size=batch_size, device=device, amp=amp, preview=preview,
         skip_existing=skip_existing, series_uid=series_uid, trust_bundle=trust_bundle, output_type=output_type.value,
-        save_probabilities=save_probabilities, statistics=statistics,
+        save_probabilities=save_probabilities, statistics=statistics, points=points, crop_mm=crop_mm,
     ))
 
 

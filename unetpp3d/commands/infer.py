@@ -32,6 +32,14 @@ from unetpp3d.imageio.nifti import is_complete
 from unetpp3d.imageio.writer import OUTPUT_TYPES, write_mask, write_probabilities
 from unetpp3d.inference.inputs import InputCase, expand_inputs, is_dicom
 from unetpp3d.inference.nodules import write_nodule_report
+from unetpp3d.inference.points import (
+    DEFAULT_CROP_MM,
+    DEFAULT_MAX_DISTANCE_MM,
+    format_results,
+    read_points,
+    segment_points,
+    write_point_report,
+)
 from unetpp3d.inference.predictor import Predictor
 from unetpp3d.inference.statistics import (
     STATISTICS_TABLE,
@@ -164,19 +172,24 @@ class _Outcome:
     volume_ml: float | None = None
     note: str = ""
     user_problem: bool = False  # a failure the user can fix (exit status 2 rather than 1)
+    quality: float | None = None  # the heads' disagreement inside the mask
 
 
 def _summary(outcomes: Sequence[_Outcome]) -> str:
-    rows = [["case", "status", "seconds", "voxels", "volume mL", "note"]]
+    rows = [["case", "status", "seconds", "voxels", "volume mL", "disagreement", "note"]]
     for o in outcomes:
         rows.append([o.name, o.status, f"{o.seconds:.1f}" if o.status == "ok" else "",
                      "" if o.voxels is None else f"{o.voxels:,}", "" if o.volume_ml is None else f"{o.volume_ml:.2f}",
+                     "" if o.quality is None else f"{o.quality:.3f}",
                      (o.note.splitlines() or [""])[0]])  # tracebacks and details stay in the log
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     lines.append(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed")
+    if any(o.quality is not None for o in outcomes):
+        lines.append("disagreement: mean spread of the UNet++ heads' probabilities inside the mask (0 = all heads "
+                     "agree); review the masks with the highest values first")
     return "\n".join(lines)
 
 
@@ -191,7 +204,7 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
         if predictor.rules.nodule_report and result.nodules is not None:
             json_path, csv_path = _beside(targets.mask, "nodules.json"), _beside(targets.mask, "nodules.csv")
             write_nodule_report(result.nodules, json_path, csv_path, source=str(case.path),
-                                min_volume_ml=predictor.min_component_ml)
+                                min_volume_ml=predictor.min_component_ml, quality=result.quality)
             written += [json_path, csv_path]
             note = f"{len(result.nodules)} nodule(s)"
         if targets.preview is not None:
@@ -219,13 +232,16 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
             p.unlink(missing_ok=True)
         raise
     voxels = int(np.count_nonzero(result.mask_xyz))
+    if result.quality is not None:
+        log.info("%s: head disagreement %.4f inside the mask", case.name, result.quality)
     # Segmented all the same, but a result on such an input is likely meaningless: say so.
     warnings = scan_warnings(result.image_xyz, result.geometry) + _volume_warnings(predictor, result.mask_xyz,
                                                                                   result.geometry.voxel_volume_ml())
     for w in warnings:
         log.warning("%s: %s", case.name, w)
     note = "; ".join([*(f"warning: {w}" for w in warnings), *([note] if note else [])])
-    outcome = _Outcome(case.name, "ok", result.seconds, voxels, voxels * result.geometry.voxel_volume_ml(), note)
+    outcome = _Outcome(case.name, "ok", result.seconds, voxels, voxels * result.geometry.voxel_volume_ml(), note,
+                       quality=result.quality)
     return outcome, rows
 
 
@@ -247,12 +263,47 @@ def _check_dicom_inputs(cases: Sequence[InputCase]) -> None:
                             "give DICOM series folders (or DICOM files), or use --output-type nifti")
 
 
+def _run_points(cases: Sequence[InputCase], out: Path, points_path: Path, crop_mm: float | None,
+                options: dict) -> int:
+    """``infer SCAN --points CSV --out DIR``: one nodule per point, on the scan's own grid."""
+    if len(cases) != 1:
+        raise UserError(f"--points: the points are positions in one scan; give exactly one scan, not {len(cases)}")
+    case = cases[0]
+    if case.error:
+        raise UserError(f"{case.path}: {case.error}")
+    if out.name.lower().endswith(IMAGE_SUFFIXES) or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out}: with --points, give a folder (it receives the mask and the point report)")
+    points = read_points(points_path)  # before the model loads: a bad CSV costs nothing
+    crop = DEFAULT_CROP_MM if crop_mm is None else float(crop_mm)
+    model = options.pop("model")
+    predictor = Predictor.from_source(model, keep_probabilities=True, progress=False, **options)
+    if not model:
+        print(f"no --model given: using the newest run, {predictor.source}")
+    log.info("%s", predictor.describe())
+    log.info("%s: %d point(s) from %s, a %g mm crop around each", case.name, len(points), points_path, crop)
+    labels, geometry, results = segment_points(predictor, case.path, points, crop_mm=crop)
+    for r in results:
+        if r.status != "ok":
+            log.warning("%s: point %d (id %s): %s: %s", case.name, r.row, r.id, r.status, r.note)
+    out.mkdir(parents=True, exist_ok=True)
+    mask_path = out / f"{case.name}.nii.gz"
+    write_point_report(results, out / f"{case.name}.points.json", out / f"{case.name}.points.csv",
+                       source=str(case.path), points_file=str(points_path), crop_mm=crop,
+                       max_distance_mm=DEFAULT_MAX_DISTANCE_MM)
+    write_mask(labels, geometry, mask_path)  # last: an existing mask means a finished run
+    log.info("%s: wrote %s (label i = the nodule of row i) and its .points.json/.csv", case.name, mask_path)
+    print(format_results(results))
+    # A point outside the scan is the user's to fix (2); a crop that failed otherwise is 1.
+    return exit_status(sum(r.status == "outside" for r in results), sum(r.status == "failed" for r in results))
+
+
 def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Path | Sequence[str | Path] | None = None,
                   mode: str | None = None, prune_level: int | None = None, tta: bool | None = None,
                   overlap: float | None = None, batch_size: int | None = None, device: str | None = None,
                   amp: bool = True, preview: str | Path | None = None, skip_existing: bool = False,
                   series_uid: str | None = None, trust_bundle: bool = False, output_type: str = "nifti",
-                  save_probabilities: str | Path | None = None, statistics: bool = False) -> int:
+                  save_probabilities: str | Path | None = None, statistics: bool = False,
+                  points: str | Path | None = None, crop_mm: float | None = None) -> int:
     """Segment scans and write one mask per scan on that scan's own grid (``unetpp3d infer``).
 
     The settings left None are the model's own (its config's ``infer`` section), else
@@ -286,13 +337,19 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         statistics: write ``<case>.statistics.json`` beside each mask (per class: voxels, volume
             in mL, mean and std HU inside the mask) and, when ``out`` is a folder,
             ``statistics.csv`` with every case's rows (skipped cases' from their JSON).
+        points: a CSV of nodule locations in the one input scan (world LPS mm: ``coordX, coordY,
+            coordZ``, optional ``id``); the model runs on a crop around each point and ``out``
+            (a folder) receives ``<case>.nii.gz`` with label ``i`` for row ``i`` and
+            ``<case>.points.json``/``.csv`` (see :mod:`unetpp3d.inference.points`).
+        crop_mm: with ``points``: the edge of the cube cropped around each point (default 64).
 
     Returns:
         The exit status of :func:`unetpp3d.errors.exit_status`: 0 when every case was segmented
         or skipped; 2 when some case failed for a reason the user can fix (a missing or
         unreadable input, a DICOM series that cannot be read or referenced); 1 when some case
         failed otherwise (1 wins over 2). Each failed case is listed in the summary table printed
-        at the end.
+        at the end. With ``points``: 2 when a point lies outside the scan, 1 when a crop failed
+        otherwise; "nothing found" is an answer, not a failure.
 
     Raises:
         UserError: no usable model, bad settings, or outputs that cannot be named (checked
@@ -306,6 +363,15 @@ def run_inference(inputs: Sequence[str | Path], out: str | Path, model: str | Pa
         raise UserError(f"--mode {mode!r}: use {' or '.join(INFER_MODES)}")
     _check_settings(prune_level, overlap, batch_size)
     cases = expand_inputs(inputs)
+    if points is not None:
+        if output_type != "nifti" or save_probabilities is not None or statistics or preview is not None:
+            raise UserError("--points writes one label map and a report per point; drop --output-type, "
+                            "--save-probabilities, --statistics and --preview")
+        return _run_points(cases, out, Path(points), crop_mm, dict(
+            model=model, device=device, trust_bundle=trust_bundle, overlap=overlap, batch_size=batch_size, mode=mode,
+            prune_level=prune_level, tta=tta, amp=amp, series_uid=series_uid))
+    if crop_mm is not None:
+        raise UserError("--crop-mm applies to --points; add a points CSV or drop it")
     if output_type == "dicom-seg":
         _check_dicom_inputs(cases)
     masks = _mask_outputs(cases, out, output_type)

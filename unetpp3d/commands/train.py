@@ -9,6 +9,7 @@ case is checked and fingerprinted in one read.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -34,13 +35,14 @@ from unetpp3d.data.fingerprint import dataset_differences, fingerprint_mismatch,
 from unetpp3d.data.leaks import leak_messages
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
 from unetpp3d.data.plausibility import volume_range
-from unetpp3d.data.validation import (
-    default_fingerprint_path,
-    fingerprint_of,
-    inspect_case,
-)
+from unetpp3d.data.transforms import pad_value
+from unetpp3d.data.validation import default_fingerprint_path, fingerprint_of, inspect_case
 from unetpp3d.errors import UserError
 from unetpp3d.hardware import autocast_dtype
+from unetpp3d.inference.pruning import PLOT_NAME as PRUNING_PLOT
+from unetpp3d.inference.pruning import TABLE_NAME as PRUNING_TABLE
+from unetpp3d.inference.pruning import choose_level, format_table, measure_pruning, write_pruning_table
+from unetpp3d.inference.quality import has_heads
 from unetpp3d.model.checkpoint import load_checkpoint
 from unetpp3d.model.network import UNetPlusPlus3D
 from unetpp3d.model.planning import plan
@@ -53,7 +55,7 @@ from unetpp3d.training.runlock import LOCK_NAME, RunLock
 from unetpp3d.training.trainer import Trainer, build_trainer
 
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "split.json", "metrics.csv", "train.log", "curves.png",
-             "tensorboard", "dataset.fingerprint.json")
+             "tensorboard", "dataset.fingerprint.json", PRUNING_TABLE, PRUNING_PLOT)
 RUN_FINGERPRINT = "dataset.fingerprint.json"  # the fingerprint of the run's cases when it started
 
 
@@ -402,6 +404,30 @@ def _build_trainer(p: _Plan, folder: Path, dist: Dist, device: torch.device) -> 
                          split=p.split, resume=p.resume_payload)
 
 
+def _measure_pruning(trainer: Trainer) -> None:
+    """After training: score and time every UNet++ level of ``best.pt`` on the validation cases.
+
+    Writes ``pruning.json`` and ``pruning.png`` beside it (see :mod:`unetpp3d.inference.pruning`)
+    and logs the table. Nothing to do for a network without deep supervision or a run without
+    validation cases. Under torchrun, rank 0 measures its own share of the validation cases.
+    """
+    best = trainer.folder / "best.pt"
+    if not has_heads(trainer.net) or not trainer.split["validation"] or not best.is_file():
+        return
+    # A copy with the best weights: the trained network (maybe wrapped, compiled) stays as it was.
+    net = copy.deepcopy(trainer.net)
+    net.load_state_dict(load_checkpoint(best)["state_dict"])
+    cfg, prep = trainer.cfg, trainer.prep
+    table = measure_pruning(net, trainer.val_loader, prep.patch_size, num_classes=prep.num_classes,
+                            sw_batch_size=cfg.infer.sw_batch_size, overlap=cfg.infer.overlap, cval=pad_value(prep),
+                            device=trainer.device)
+    path = write_pruning_table(table, best)
+    level, reason = choose_level(table)
+    trainer.log.message(format_table(table))
+    trainer.log.message(f"fast mode (infer --mode fast without --prune-level) will run L^{level}: {reason}; "
+                        f"wrote {path} and {path.with_name(PRUNING_PLOT)}")
+
+
 def run_training(manifest: str | Path, config_path: str | Path | None = None, out_dir: str | Path | None = None,
                  resume: bool = False, force: bool = False, device: str | None = None, fold: int | None = None,
                  overrides: list[str] | None = None, fingerprint_path: str | Path | None = None) -> Path:
@@ -473,6 +499,8 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
             for line in p.notes:
                 trainer.log.message(line)
         signum = trainer.fit()
+        if signum is None and dist.is_main and p.cfg.train.measure_pruning:
+            _measure_pruning(trainer)
     finally:
         if lock is not None:
             lock.release()

@@ -56,6 +56,9 @@ class Nodule:
             no probabilities were given).
         bbox_min_index: first voxel index (x, y, z) of the component's bounding box.
         bbox_max_index: last voxel index (x, y, z) of the component's bounding box.
+        head_disagreement: mean spread of the UNet++ heads' probabilities over the component
+            (:mod:`unetpp3d.inference.quality`: 0 when all heads agree; higher means review it),
+            None when not computed.
     """
 
     id: int
@@ -67,6 +70,7 @@ class Nodule:
     mean_probability: float | None
     bbox_min_index: tuple[int, int, int]
     bbox_max_index: tuple[int, int, int]
+    head_disagreement: float | None = None
 
 
 def _longest_distance(points: np.ndarray) -> float:
@@ -82,7 +86,7 @@ def _longest_distance(points: np.ndarray) -> float:
 
 
 def nodule_components(mask_xyz: np.ndarray, geometry: Any, probabilities: np.ndarray | None = None,
-                      min_volume_ml: float = 0.0) -> tuple[np.ndarray, list[Nodule]]:
+                      min_volume_ml: float = 0.0, spread: np.ndarray | None = None) -> tuple[np.ndarray, list[Nodule]]:
     """Find, filter and measure the connected components of a lung-nodule label map.
 
     Args:
@@ -91,6 +95,7 @@ def nodule_components(mask_xyz: np.ndarray, geometry: Any, probabilities: np.nda
         probabilities: class probabilities ``(C, x, y, z)`` on the same grid, or one foreground
             probability map ``(x, y, z)``; None leaves ``mean_probability`` empty.
         min_volume_ml: components smaller than this (mL) are removed from the mask and the list.
+        spread: the heads' per-voxel spread (x, y, z) on the same grid, or None.
 
     Returns:
         The filtered label map and the nodules, largest first.
@@ -114,6 +119,7 @@ def nodule_components(mask_xyz: np.ndarray, geometry: Any, probabilities: np.nda
             surface_mm = index_to_lps(geometry, np.argwhere(surface) + offset)
             centre = index_to_lps(geometry, idx.mean(axis=0) + offset)[0]
             mean_p = None if prob is None else float(np.asarray(prob[box])[comp].mean())
+            spread_mean = None if spread is None else float(np.asarray(spread[box])[comp].mean())
             found.append(Nodule(
                 id=0, label=label, voxels=int(len(idx)), volume_ml=len(idx) * voxel_ml,
                 centre_lps_mm=tuple(round(float(c), 3) for c in centre),
@@ -121,6 +127,7 @@ def nodule_components(mask_xyz: np.ndarray, geometry: Any, probabilities: np.nda
                 mean_probability=None if mean_p is None else round(mean_p, 4),
                 bbox_min_index=tuple(int(v) for v in offset),
                 bbox_max_index=tuple(int(s.stop) - 1 for s in box),
+                head_disagreement=None if spread_mean is None else round(spread_mean, 4),
             ))
     found.sort(key=lambda nod: (-nod.voxels, nod.bbox_min_index))
     for i, nod in enumerate(found, start=1):
@@ -129,16 +136,16 @@ def nodule_components(mask_xyz: np.ndarray, geometry: Any, probabilities: np.nda
 
 
 _CSV_FIELDS = ["id", "label", "voxels", "volume_ml", "centre_lps_x_mm", "centre_lps_y_mm", "centre_lps_z_mm",
-               "longest_diameter_mm", "mean_probability"]
+               "longest_diameter_mm", "mean_probability", "head_disagreement"]
 
 
 def write_nodule_report(nodules: Sequence[Nodule], json_path: str | Path, csv_path: str | Path,
-                        source: str = "", min_volume_ml: float = 0.0) -> None:
+                        source: str = "", min_volume_ml: float = 0.0, quality: float | None = None) -> None:
     """Write the nodule list as JSON and CSV, each atomically.
 
     The JSON states its coordinate system (world LPS, mm) and units; the CSV has one row per
     nodule with the columns ``id, label, voxels, volume_ml, centre_lps_{x,y,z}_mm,
-    longest_diameter_mm, mean_probability`` (empty when unknown).
+    longest_diameter_mm, mean_probability, head_disagreement`` (empty when unknown).
 
     Args:
         nodules: from :func:`nodule_components`.
@@ -146,6 +153,7 @@ def write_nodule_report(nodules: Sequence[Nodule], json_path: str | Path, csv_pa
         csv_path: where to write the CSV table.
         source: the scan the nodules were found in, recorded in the JSON.
         min_volume_ml: the size filter that was applied, recorded in the JSON.
+        quality: the case's head disagreement (:attr:`Prediction.quality`), recorded in the JSON.
     """
     payload = {
         "source": source,
@@ -154,6 +162,9 @@ def write_nodule_report(nodules: Sequence[Nodule], json_path: str | Path, csv_pa
                            "+x towards the patient's left, +y posterior, +z superior",
         "units": {"volume": "mL", "centre": "mm", "longest_diameter": "mm"},
         "min_component_ml": float(min_volume_ml),
+        "head_disagreement": quality,
+        "head_disagreement_note": "mean spread of the UNet++ heads' probabilities inside the mask: 0 when all "
+                                  "heads agree; the higher, the more a mask deserves review (null: not computed)",
         "count": len(nodules),
         "nodules": [_json_ready(asdict(nod)) for nod in nodules],
     }
@@ -167,6 +178,7 @@ def write_nodule_report(nodules: Sequence[Nodule], json_path: str | Path, csv_pa
             "centre_lps_x_mm": nod.centre_lps_mm[0], "centre_lps_y_mm": nod.centre_lps_mm[1],
             "centre_lps_z_mm": nod.centre_lps_mm[2], "longest_diameter_mm": nod.longest_diameter_mm,
             "mean_probability": "" if nod.mean_probability is None else nod.mean_probability,
+            "head_disagreement": "" if nod.head_disagreement is None else nod.head_disagreement,
         })
     atomic_write_text(csv_path, buf.getvalue())
 

@@ -58,6 +58,8 @@ from unetpp3d.inference.pipeline import (
     pipeline_config,
     window_network_args,
 )
+from unetpp3d.inference.pruning import load_pruning_choice
+from unetpp3d.inference.quality import HeadQualityNet, disagreement, has_heads
 from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet, accepts_prune_level
 from unetpp3d.model.network import COMBINE
 from unetpp3d.tasks import task_rules
@@ -90,6 +92,11 @@ class Prediction:
         seconds: wall time of the whole prediction.
         nodules: for lung nodules, the measured components (largest first); else None.
         info: what the predictor decided (stitching device, sizes, timings).
+        quality: the heads' disagreement inside the mask (:mod:`unetpp3d.inference.quality`;
+            0 when all heads agree, higher means review the mask), or None when it was not
+            computed (no deep supervision, fast mode) or the mask is empty.
+        spread_xyz: the per-voxel head spread on the input's grid when quality was computed
+            and the predictor keeps probabilities, else None.
     """
 
     mask_xyz: np.ndarray
@@ -99,6 +106,8 @@ class Prediction:
     seconds: float
     nodules: list | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    quality: float | None = None
+    spread_xyz: np.ndarray | None = None
 
 
 def _plain(t: Any) -> torch.Tensor:
@@ -163,6 +172,11 @@ class Predictor:
         source: where the model came from, for messages.
         combine: how accurate mode combines the heads: "probabilities" (their mean
             probability, as the UNet++ paper does) or "logits" (their mean logit).
+        quality: compute the heads' disagreement per case and per nodule
+            (:class:`~unetpp3d.inference.quality.HeadQualityNet`); default: in accurate mode with
+            probabilities combined, whenever every network is a UNet++ with deep supervision. It
+            costs nothing extra on the network (accurate mode runs every head anyway), one more
+            channel through the inverse resampling.
 
     Raises:
         UserError: a setting is out of range for this model, or its window is too small for it.
@@ -180,7 +194,7 @@ class Predictor:
                  sw_batch_size: int = _DEFAULTS.sw_batch_size, device: str | torch.device | None = None,
                  amp: bool = True, min_component_ml: float = _DEFAULTS.min_component_ml,
                  series_uid: str | None = None, keep_probabilities: bool | None = None, progress: bool = True,
-                 source: str = "model", combine: str = "probabilities"):
+                 source: str = "model", combine: str = "probabilities", quality: bool | None = None):
         if not isinstance(preprocessing, Preprocessing):
             preprocessing = Preprocessing.from_dict(preprocessing)
         self.prep = preprocessing
@@ -218,10 +232,19 @@ class Predictor:
 
         self.networks = [net.to(self.device).eval() for net in networks]
         self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
-        # One wrapper per member, each passing its own level per call: the networks are not changed.
-        members = [ProbabilityNet(net, combine=combine if accepts_prune_level(net) else "probabilities",
-                                  **window_network_args(self.tta, level, self.amp))
-                   for net, level in zip(self.networks, levels)]
+        possible = mode == "accurate" and combine == "probabilities" and all(has_heads(n) for n in self.networks)
+        if quality and not possible:
+            raise UserError("the quality signal compares the heads of a UNet++ trained with deep supervision in "
+                            "accurate mode with probabilities combined; this model or mode has none to compare")
+        self.quality = possible if quality is None else bool(quality)
+        if self.quality:
+            # The heads' mean probability (the same accurate mode) plus their spread, as one more channel.
+            members = [HeadQualityNet(net, tta=self.tta, amp=self.amp) for net in self.networks]
+        else:
+            # One wrapper per member, each passing its own level per call: the networks are not changed.
+            members = [ProbabilityNet(net, combine=combine if accepts_prune_level(net) else "probabilities",
+                                      **window_network_args(self.tta, level, self.amp))
+                       for net, level in zip(self.networks, levels)]
         self.window_net = (members[0] if len(members) == 1 else EnsembleNet(members)).eval()
         # Every member's size divisor, per axis (the same for the folds of one config).
         divisor = tuple(math.lcm(*axis) for axis in zip(*(tuple(getattr(net, "size_divisor", (1, 1, 1)))
@@ -318,6 +341,15 @@ class Predictor:
         mode = mode if mode is not None else own.mode
         if prune_level is None and mode == "fast":
             prune_level = own.prune_level
+        if prune_level is None and mode == "fast" and len(loaded) == 1:
+            # The run measured its levels after training: take the smallest one close to the best.
+            choice = load_pruning_choice(path)
+            if choice is not None:
+                prune_level = choice[0]
+                log.info("fast mode: UNet++ L^%d from the run's pruning table: %s", *choice)
+            else:
+                log.info("fast mode: no pruning table beside %s; using the default level L^%d (capped at the depth)",
+                         path, FAST_PRUNE_LEVEL)
         source = str(path)
         if len(loaded) > 1:
             source = f"ensemble of {len(loaded)} ({', '.join(str(entry[3]) for entry in loaded)})"
@@ -438,6 +470,10 @@ class Predictor:
         del data, probs, image
         if tuple(inverted.shape[1:]) != tuple(geometry.size):
             raise RuntimeError(f"inverse transforms gave {tuple(inverted.shape[1:])}, expected {geometry.size}")
+        spread = None
+        if self.quality:  # the last channel is the heads' spread, not a class
+            spread = _plain(inverted[-1]).float().cpu().numpy()
+            inverted = inverted[:-1]
         # The rest of the pipeline: argmax, then the task's clean-up, as a bundle runs them.
         label = self.pipeline.after_invert({PRED_KEY: inverted})[PRED_KEY]
         keep = self.keep_probabilities or self.rules.nodule_report
@@ -448,13 +484,15 @@ class Predictor:
         nodules = None
         if self.rules.nodule_report:
             # Measurement only: the pipeline has already dropped components below min_component_ml.
-            _, nodules = nodule_components(mask, geometry, probs_np)
+            _, nodules = nodule_components(mask, geometry, probs_np, spread=spread)
         end = time.perf_counter()
         info = {"stitch": str(stitch), "resampled_shape": resampled,
                 "load_s": loaded - start, "windows_s": windows - loaded, "post_s": end - windows}
         log.info("%s: %.1f s (read+preprocess %.1f, windows %.1f, inverse+postprocess %.1f)", path.name,
                  end - start, info["load_s"], info["windows_s"], info["post_s"])
+        quality = disagreement(spread, mask) if spread is not None else None
         return Prediction(mask_xyz=mask, probabilities=probs_np if self.keep_probabilities else None,
+                          quality=quality, spread_xyz=spread if self.keep_probabilities else None,
                           geometry=geometry, image_xyz=image_xyz, seconds=end - start, nodules=nodules, info=info)
 
     def _count_windows(self, shape: Sequence[int]) -> int:
@@ -472,4 +510,5 @@ class Predictor:
             mode += f" (heads combined as {self.combine})"
         return (f"{self.source}: task {self.prep.task}, mode {mode}, tta {'on' if self.tta else 'off'}, "
                 f"window {'x'.join(map(str, self.roi_size))} overlap {self.overlap:g} x{self.sw_batch_size}, "
-                f"device {self.device}{' amp ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}")
+                f"device {self.device}{' amp ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else ''}"
+                f"{', head-disagreement quality signal' if self.quality else ''}")
