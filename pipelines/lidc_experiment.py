@@ -73,7 +73,6 @@ if str(REPO) not in sys.path:
 from monai.data import MetaTensor  # noqa: E402
 from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.transforms import Invertd  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict  # noqa: E402
 from unetpp3d.data.manifest import Case  # noqa: E402
@@ -83,6 +82,7 @@ from unetpp3d.imageio.readers import read_image  # noqa: E402
 from unetpp3d.inference.pruning import measure_pruning, write_pruning_table  # noqa: E402
 from unetpp3d.inference.quality import dice_gap, head_logits, head_spread  # noqa: E402
 from unetpp3d.model.checkpoint import load_checkpoint  # noqa: E402
+from unetpp3d.model.fused import flop_counter_mode  # noqa: E402
 from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
 from unetpp3d.model.unet import UNet3D, count_parameters, matched_features  # noqa: E402
 from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
@@ -343,7 +343,7 @@ def cost(name: str, net: torch.nn.Module, names: Sequence[str], cfg: Config, dev
     net.eval()
     for kind, level in levels.items():
         model = _Level(net, level)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter_mode(display=False) as counter:  # counts the fused path's direct oneDNN calls too
             model(torch.zeros(1, 1, *prep.patch_size, device=device))
         window = _Softmax(model)
 
@@ -518,11 +518,11 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], meta: dict[
     lines += ["", f"Paper (its own crops, its own budget): U-Net IoU {PAPER_IOU['unet']}, UNet++ DS IoU "
                   f"{PAPER_IOU['unetpp_ds']}.", "",
               "Per-fold mean IoU (%):", "",
-              "| model | " + " | ".join(f"fold {k}" for k in range(meta["folds"])) + " | mean [95% t] |",
-              "| --- | " + " | ".join("---:" for _ in range(meta["folds"])) + " | --- |"]
+              "| model | " + " | ".join(f"fold {k}" for k in meta["folds_run"]) + " | mean [95% t] |",
+              "| --- | " + " | ".join("---:" for _ in meta["folds_run"]) + " | --- |"]
     for label in order:
         e = table[label]
-        folds = " | ".join(f"{e['fold_iou'].get(k, math.nan) * 100:.1f}" for k in range(meta["folds"]))
+        folds = " | ".join(f"{e['fold_iou'].get(k, math.nan) * 100:.1f}" for k in meta["folds_run"])
         t = e["fold_iou_t"]
         lines.append(f"| {_row_label(label)} | {folds} | {t['mean'] * 100:.1f} "
                      f"[{t['low'] * 100:.1f}, {t['high'] * 100:.1f}] |")
@@ -550,6 +550,44 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], meta: dict[
         lines.append("")
         lines.append("A negative ρ means more disagreement goes with a lower Dice: the score ranks the cases to review.")
     return "\n".join(lines) + "\n"
+
+
+def retime(args: argparse.Namespace, work: list[dict[str, Any]], crops: Sequence[Crop], cfg: Config,
+           settings: dict[str, Any], commit: str) -> int:
+    """Time every finished run's best.pt again, sequentially in this process; write timing.md and timing.json."""
+    device = torch.device(args.device)
+    _preprocess(crops, cfg)
+    rows = []
+    for job in work:
+        best = args.out / "runs" / f"fold{job['fold']}_{job['model']}" / "best.pt"
+        if not best.is_file():
+            raise SystemExit(f"{best}: missing; --retime times the runs of an earlier run of this command")
+        net = build_model(job["model"], cfg).to(device)
+        net.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
+        rows.append({"fold": job["fold"], "model": job["model"], "load": os.getloadavg(),
+                     "cost": cost(job["model"], net, job["split"]["test"][: job["timing_crops"]], cfg, device)})
+        print(f"fold {job['fold']} {job['model']}: " + ", ".join(f"{k} {v['ms_per_crop']:.0f} ms" for k, v in
+                                                                rows[-1]["cost"].items()), flush=True)
+    loads = ", ".join(f"{r['load'][0]:.1f}" for r in rows)
+    lines = [f"# Time per crop, measured again ({args.protocol} protocol)", "",
+             f"{_dt.datetime.now().isoformat(timespec='minutes')}, commit `{commit}`, {platform.machine()} "
+             f"{os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), one process, device {args.device}; "
+             f"load average (1 min) {loads}; the first {settings['timing_crops']} test crops of each fold, sliding "
+             "window on the preprocessed crop, batch 1.", "",
+             "| model | GFLOPs/patch | ms/crop, median over folds | per fold |", "| --- | ---: | ---: | --- |"]
+    for model in MODELS:
+        mine = [r for r in rows if r["model"] == model]
+        for kind in (mine[0]["cost"] if mine else {}):
+            label = model if kind == "output" else f"{model}/{kind}"
+            ms = [r["cost"][kind]["ms_per_crop"] for r in mine]
+            lines.append(f"| {_row_label(label)} | {mine[0]['cost'][kind]['gflops_per_patch']:.2f} | "
+                         f"{float(np.median(ms)):.1f} | {', '.join(f'{v:.0f}' for v in ms)} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "timing.md").write_text(text, encoding="utf-8")
+    (args.out / "timing.json").write_text(json.dumps({"commit": commit, "rows": rows}, indent=1) + "\n",
+                                          encoding="utf-8")
+    print(text)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,6 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run only this fold (repeatable); the tables then cover its test patients only")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override: a config key (train.epochs=4) or an experiment key (folds=3, jobs=1)")
+    parser.add_argument("--retime", action="store_true",
+                        help="train nothing: time the best.pt of each run already in --out again, one after another in "
+                             "this process (for a quieter machine than the one that trained), into timing.md/.json")
     args = parser.parse_args(argv)
 
     settings, cfg = load_protocol(args.config, args.protocol, args.overrides)
@@ -609,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--models: unknown {', '.join(unknown)}; use {', '.join(MODELS)}")
     if not (args.data / "nodules.csv").is_file():
         raise SystemExit(f"{args.data}: no nodules.csv; pass --data .../lidc_nodule_crops")
-    start, load_start = time.perf_counter(), os.getloadavg()
+    start, load_start, commit = time.perf_counter(), os.getloadavg(), _commit()  # the code that runs, not that ends
     threads, jobs = int(settings["threads"]), int(settings["jobs"])
     torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -624,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k in range(len(folds)) for m in models if args.fold is None or k in args.fold]
     if not work:
         raise SystemExit(f"--fold {args.fold}: the protocol has folds 0..{len(folds) - 1}")
+    if args.retime:
+        return retime(args, work, crops, cfg, settings, commit)
     results = []
 
     def done(res: dict[str, Any]) -> None:
@@ -645,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.sort(key=lambda r: (r["fold"], MODELS.index(r["model"])))
     summary = collect(results, crops)
     c = cfg
-    meta = {"protocol": args.protocol, "date": _dt.datetime.now().isoformat(timespec="minutes"), "commit": _commit(),
+    meta = {"protocol": args.protocol, "date": _dt.datetime.now().isoformat(timespec="minutes"), "commit": commit,
             "machine": f"{platform.machine()} {os.cpu_count()} cores ({torch.get_num_threads()} torch threads x "
                        f"{jobs} job(s)), torch {torch.__version__}, device {args.device}",
             "wall_minutes": (time.perf_counter() - start) / 60.0, "load_start": list(load_start),

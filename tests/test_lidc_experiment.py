@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "lidc_experiment.py"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+OVERRIDES = ["model.features=[4,8,16]", "model.strides=[[2,2,1],[2,2,2]]", "data.patch_size=[16,16,4]",
+             "data.batch_size=2", "train.epochs=1", "train.iterations_per_epoch=2", "train.val_every=1"]
 
 
 def _load():
@@ -93,9 +97,7 @@ def test_tiny_run_writes_every_model_and_mode(tmp_path):
     try:
         rc = exp.main(["--data", str(_crops_folder(tmp_path / "crops")), "--out", str(out),
                        "--set", "folds=2", "--set", "jobs=1", "--set", "timing_crops=1",
-                       "--set", "model.features=[4,8,16]", "--set", "model.strides=[[2,2,1],[2,2,2]]",
-                       "--set", "data.patch_size=[16,16,4]", "--set", "data.batch_size=2",
-                       "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=2", "--set", "train.val_every=1"])
+                       *[arg for o in OVERRIDES for arg in ("--set", o)]])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -113,5 +115,14 @@ def test_tiny_run_writes_every_model_and_mode(tmp_path):
         assert entry["iou"]["n"] == n_crops and 0.0 <= entry["iou"]["mean"] <= 1.0
         assert ("iou_minus_unet" in entry) == (label != "unet")
     assert len(raw["runs"]) == 8 and all(r["best_val_dice"] >= 0 for r in raw["runs"])
+    # FLOPs counted on the fused path (direct oneDNN calls included) equal the plain path's count.
+    _, cfg = exp.load_protocol(exp.DEFAULT_CONFIG, "reduced", OVERRIDES)
+    net = exp.build_model("unetpp_ds", cfg).eval()
+    net.fused = False
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 1, 16, 16, 4))
+    ds = next(r for r in raw["runs"] if r["model"] == "unetpp_ds")
+    assert ds["cost"]["accurate"]["gflops_per_patch"] == pytest.approx(counter.get_total_flops() / 1e9, rel=0.02)
+    assert ds["cost"]["L1"]["gflops_per_patch"] < ds["cost"]["L2"]["gflops_per_patch"]
     assert (out / "runs" / "fold1_unetpp_ds" / "best.pt").is_file()
     assert json.loads((out / "runs" / "fold1_unetpp_ds" / "pruning.json").read_text())["chosen_level"] in (1, 2)
