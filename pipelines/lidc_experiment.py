@@ -524,8 +524,8 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], meta: dict[
         e = table[label]
         folds = " | ".join(f"{e['fold_iou'].get(k, math.nan) * 100:.1f}" for k in meta["folds_run"])
         t = e["fold_iou_t"]
-        lines.append(f"| {_row_label(label)} | {folds} | {t['mean'] * 100:.1f} "
-                     f"[{t['low'] * 100:.1f}, {t['high'] * 100:.1f}] |")
+        interval = "" if math.isnan(t["low"]) else f" [{t['low'] * 100:.1f}, {t['high'] * 100:.1f}]"  # one fold: none
+        lines.append(f"| {_row_label(label)} | {folds} | {t['mean'] * 100:.1f}{interval} |")
     for group, title, names in (("size", "equivalent diameter (from the mask volume)", [b[2] for b in SIZE_BANDS]),
                                 ("texture", "texture (nodules.csv Texture_value: ground-glass 1-2, part-solid 3, "
                                             "solid 4-5)", ["ground-glass", "part-solid", "solid"])):
