@@ -112,7 +112,64 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
-class UNetPlusPlus3D(nn.Module):
+class SavedArgsNetwork(nn.Module):
+    """What the project's segmentation networks share: validated constructor arguments kept as
+    ``model_args`` (plain types, so ``torch.load(weights_only=True)`` accepts them), a per-axis
+    size divisor, and saving and rebuilding from a checkpoint alone (as nanoGPT does).
+
+    Subclasses call :meth:`_init_args` first in ``__init__``.
+    """
+
+    def _init_args(self, in_channels: int, out_channels: int, features: Sequence[int], deep_supervision: bool,
+                   strides: Sequence[Stride] | None, norm: str, act: str, upsample: str,
+                   dropout: float) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Check the arguments, store ``model_args``, ``depth``, ``deep_supervision`` and ``strides``.
+
+        Returns:
+            ``(features, strides)``: the widths as ints and one ``(x, y, z)`` stride per downsampling.
+        """
+        features = [int(f) for f in features]
+        depth = len(features) - 1
+        if depth < 1:
+            raise ValueError(f"features needs at least two levels, got {features}")
+        if strides is None:
+            strides = [2] * depth
+        if len(strides) != depth:
+            raise ValueError(f"strides needs {depth} entries (one per downsampling), got {len(strides)}")
+        strides3 = [_as_triple(s) for s in strides]
+        if upsample not in ("deconv", "trilinear"):
+            raise ValueError(f"upsample must be 'deconv' or 'trilinear', got {upsample!r}")
+        self.model_args: dict[str, Any] = dict(
+            in_channels=int(in_channels), out_channels=int(out_channels), features=features,
+            deep_supervision=bool(deep_supervision), strides=[list(s) for s in strides3], norm=norm, act=act,
+            upsample=upsample, dropout=float(dropout),
+        )
+        self.depth = depth
+        self.deep_supervision = bool(deep_supervision)
+        self.strides = strides3
+        return features, strides3
+
+    @property
+    def size_divisor(self) -> tuple[int, int, int]:
+        """Per-axis multiple that every spatial input size must be (the product of the strides)."""
+        div = [1, 1, 1]
+        for s in self.strides:
+            div = [d * k for d, k in zip(div, s)]
+        return tuple(div)  # type: ignore[return-value]
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
+        save_checkpoint(path, {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})})
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> Any:
+        """Rebuild a network from a loaded checkpoint dict with ``model_args`` and ``state_dict``."""
+        net = cls(**payload["model_args"])
+        net.load_state_dict(payload["state_dict"])
+        return net
+
+
+class UNetPlusPlus3D(SavedArgsNetwork):
     """3D UNet++ with dense skip pathways, deep supervision and pruned inference.
 
     Args:
@@ -167,34 +224,9 @@ class UNetPlusPlus3D(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        features = [int(f) for f in features]
-        depth = len(features) - 1
-        if depth < 1:
-            raise ValueError(f"features needs at least two levels, got {features}")
-        if strides is None:
-            strides = [2] * depth
-        if len(strides) != depth:
-            raise ValueError(f"strides needs {depth} entries (one per downsampling), got {len(strides)}")
-        strides3 = [_as_triple(s) for s in strides]
-        if upsample not in ("deconv", "trilinear"):
-            raise ValueError(f"upsample must be 'deconv' or 'trilinear', got {upsample!r}")
-
-        # Stored so that a saved model can be rebuilt from its file alone (plain types only, so
-        # that torch.load(weights_only=True) accepts them).
-        self.model_args: dict[str, Any] = dict(
-            in_channels=int(in_channels),
-            out_channels=int(out_channels),
-            features=features,
-            deep_supervision=bool(deep_supervision),
-            strides=[list(s) for s in strides3],
-            norm=norm,
-            act=act,
-            upsample=upsample,
-            dropout=float(dropout),
-        )
-        self.depth = depth
-        self.deep_supervision = bool(deep_supervision)
-        self.strides = strides3
+        features, strides3 = self._init_args(in_channels, out_channels, features, deep_supervision, strides, norm,
+                                             act, upsample, dropout)
+        depth = self.depth
         self.fused = True
         self.channels_last = True
         self.checkpointing = False
@@ -229,14 +261,6 @@ class UNetPlusPlus3D(nn.Module):
             nn.Upsample(scale_factor=stride, mode="trilinear", align_corners=False),
             nn.Conv3d(cin, cout, kernel_size=1, bias=False),
         )
-
-    @property
-    def size_divisor(self) -> tuple[int, int, int]:
-        """Per-axis multiple that every spatial input size must be (the product of the strides)."""
-        div = [1, 1, 1]
-        for s in self.strides:
-            div = [d * k for d, k in zip(div, s)]
-        return tuple(div)  # type: ignore[return-value]
 
     @property
     def _bottleneck_norm_per_channel(self) -> bool:
@@ -367,17 +391,6 @@ class UNetPlusPlus3D(nn.Module):
         if prune_level is not None:
             return apply(self.heads[top - 1], rows[0][top])
         return combine_heads([apply(self.heads[j - 1], rows[0][j]) for j in range(1, self.depth + 1)], combine)
-
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
-        save_checkpoint(path, {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})})
-
-    @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any]) -> UNetPlusPlus3D:
-        """Rebuild a network from a loaded checkpoint dict with ``model_args`` and ``state_dict``."""
-        net = cls(**payload["model_args"])
-        net.load_state_dict(payload["state_dict"])
-        return net
 
 
 def combine_heads(logits: Sequence[torch.Tensor], combine: str = "probabilities") -> torch.Tensor:

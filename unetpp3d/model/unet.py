@@ -25,19 +25,17 @@ wide U-Net); counting builds the network on PyTorch's ``meta`` device, so no mem
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetpp3d.atomic import atomic_path
 from unetpp3d.model.fused import _node, _run_fused
-from unetpp3d.model.network import ConvBlock, Stride, UNetPlusPlus3D, _as_triple
+from unetpp3d.model.network import ConvBlock, SavedArgsNetwork, Stride, UNetPlusPlus3D
 
 
-class UNet3D(nn.Module):
+class UNet3D(SavedArgsNetwork):
     """3D U-Net with the encoder, blocks, strides and upsampling of :class:`UNetPlusPlus3D`.
 
     Args:
@@ -77,25 +75,9 @@ class UNet3D(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        features = [int(f) for f in features]
-        depth = len(features) - 1
-        if depth < 1:
-            raise ValueError(f"features needs at least two levels, got {features}")
-        if strides is None:
-            strides = [2] * depth
-        if len(strides) != depth:
-            raise ValueError(f"strides needs {depth} entries (one per downsampling), got {len(strides)}")
-        strides3 = [_as_triple(s) for s in strides]
-        if upsample not in ("deconv", "trilinear"):
-            raise ValueError(f"upsample must be 'deconv' or 'trilinear', got {upsample!r}")
-        self.model_args: dict[str, Any] = dict(
-            in_channels=int(in_channels), out_channels=int(out_channels), features=features,
-            deep_supervision=bool(deep_supervision), strides=[list(s) for s in strides3], norm=norm, act=act,
-            upsample=upsample, dropout=float(dropout),
-        )
-        self.depth = depth
-        self.deep_supervision = bool(deep_supervision)
-        self.strides = strides3
+        features, strides3 = self._init_args(in_channels, out_channels, features, deep_supervision, strides, norm,
+                                             act, upsample, dropout)
+        depth = self.depth
         self.fused = True
         self.channels_last = True
 
@@ -110,14 +92,6 @@ class UNet3D(nn.Module):
         n_heads = depth if self.deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv3d(features[i], out_channels, kernel_size=1) for i in range(n_heads))
         self.to(memory_format=torch.channels_last_3d)  # as the UNet++ does, for the fused path
-
-    @property
-    def size_divisor(self) -> tuple[int, int, int]:
-        """Per-axis multiple that every spatial input size must be (the product of the strides)."""
-        div = [1, 1, 1]
-        for s in self.strides:
-            div = [d * k for d, k in zip(div, s)]
-        return tuple(div)  # type: ignore[return-value]
 
     def check_input_size(self, spatial: Sequence[int]) -> None:
         """Raise a ValueError naming the multiple needed when a size cannot pass the network."""
@@ -174,19 +148,6 @@ class UNet3D(nn.Module):
             outs.append(F.interpolate(head(self.heads[i], decoded[i]), size=tuple(size), mode="trilinear",
                                       align_corners=False))
         return outs
-
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
-        payload = {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})}
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-
-    @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any]) -> UNet3D:
-        """Rebuild a network from a checkpoint dict with ``model_args`` and ``state_dict``."""
-        net = cls(**payload["model_args"])
-        net.load_state_dict(payload["state_dict"])
-        return net
 
 
 def count_parameters(build: Callable[[], nn.Module]) -> int:
