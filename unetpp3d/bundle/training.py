@@ -135,19 +135,6 @@ def _refuse_bad_cases(cases: Sequence[Case], labels: dict[int, str], role: str) 
         raise UserError(f"{role}: {len(problems)} problem(s) in the training data: {shown}")
 
 
-def _on_main(dist: Dist, fn: Any, *args: Any) -> None:
-    """Run ``fn`` on rank 0 only; a UserError there is raised on every rank, so that all stop together."""
-    error = None
-    if dist.is_main:
-        try:
-            fn(*args)
-        except UserError as exc:
-            error = str(exc)
-    error = dist.broadcast(error)
-    if error:
-        raise UserError(error)
-
-
 def _device_name(device: Any) -> str | None:
     return None if device is None else str(device)
 
@@ -216,7 +203,7 @@ class BundleTrainer:
         train_cases, val_cases, split = self._split(cfg, prep)
         dist, device = Dist.from_env(_device_name(self.device))
         try:
-            _on_main(dist, _refuse_bad_cases, [*train_cases, *val_cases],
+            dist.on_main(_refuse_bad_cases, [*train_cases, *val_cases],
                      {int(k): v for k, v in prep.labels.items()}, "train.json's data")
             net = self._initial_network(cfg)
             if dist.is_main:

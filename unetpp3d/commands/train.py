@@ -13,7 +13,6 @@ import copy
 import json
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -381,19 +380,6 @@ def _claim_folder(folder: Path, resume: bool, force: bool, lock: RunLock) -> Non
                 target.unlink()
 
 
-def _on_rank0(dist: Dist, fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn`` on rank 0 only; a UserError there is raised on every rank, so all stop together."""
-    error = None
-    if dist.is_main:
-        try:
-            fn(*args)
-        except UserError as exc:
-            error = str(exc)
-    error = dist.broadcast(error)
-    if error:
-        raise UserError(error)
-
-
 def _build_trainer(p: _Plan, folder: Path, dist: Dist, device: torch.device) -> Trainer:
     cfg, prep = p.cfg, p.prep
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
@@ -479,17 +465,17 @@ def run_training(manifest: str | Path, config_path: str | Path | None = None, ou
         folder = Path(out_dir) if out_dir else Path(dist.broadcast(str(_default_run_dir(Path(manifest)))))
         lock = RunLock(folder)
         if folder.is_dir():  # another train in it is refused before anything else is read
-            _on_rank0(dist, lock.acquire)
-        _on_rank0(dist, _check_folder, folder, resume, force)
+            dist.on_main(lock.acquire)
+        dist.on_main(_check_folder, folder, resume, force)
         if force and not resume:
-            _on_rank0(dist, _check_forced_files, folder, man)
+            dist.on_main(_check_forced_files, folder, man)
         _resolve(p, man, Path(fingerprint_path) if fingerprint_path is not None else None)
         # Refuse a precision the device lacks before the run folder exists.
         autocast_dtype(p.cfg.train.amp, dev, name="train.amp")
 
         if resume:
-            _on_rank0(dist, _refuse_other_data, folder, p)
-        _on_rank0(dist, _claim_folder, folder, resume, force, lock)
+            dist.on_main(_refuse_other_data, folder, p)
+        dist.on_main(_claim_folder, folder, resume, force, lock)
         trainer = _build_trainer(p, folder, dist, dev)
         if dist.is_main:
             if not resume:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
+from unetpp3d.errors import UserError
 from unetpp3d.hardware import resolve_device
 
 
@@ -62,6 +64,18 @@ class Dist:
         box = [obj]
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on rank 0 only; a UserError there is raised on every rank, so all stop together."""
+        error = None
+        if self.is_main:
+            try:
+                fn(*args)
+            except UserError as exc:
+                error = str(exc)
+        error = self.broadcast(error)
+        if error:
+            raise UserError(error)
 
     def close(self) -> None:
         if self.enabled and torch_dist.is_initialized():
