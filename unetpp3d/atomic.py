@@ -11,11 +11,14 @@ caller's own check (an image's header read back, a text's length). Any failure r
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from unetpp3d.errors import UserError
 
@@ -157,3 +160,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         UserError: the file cannot be written completely (see :func:`atomic_path`).
     """
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, Any]],
+                     ignore_extra: bool = False) -> Path:
+    """Write a CSV table (header, then ``rows``) atomically, as :func:`atomic_write_text` does.
+
+    Args:
+        path: the ``.csv`` file.
+        fieldnames: the columns, in order.
+        rows: one mapping per row; missing columns are left empty.
+        ignore_extra: drop keys that are not columns (else they raise ValueError).
+    """
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore" if ignore_extra else "raise",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

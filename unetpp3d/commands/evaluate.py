@@ -31,8 +31,6 @@ says what differs.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -44,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from unetpp3d import __version__
-from unetpp3d.atomic import atomic_write_text
+from unetpp3d.atomic import atomic_write_csv, atomic_write_text
 from unetpp3d.data.manifest import case_name, load_manifest
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.evaluation.metrics import CaseMetrics, both_empty_row, evaluate_case
@@ -137,18 +135,15 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _csv_text(rows: list[CaseMetrics]) -> str:
-    buf = io.StringIO()
-    fields = list(CaseMetrics.__dataclass_fields__)
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
+def _csv_records(rows: list[CaseMetrics]) -> list[dict[str, Any]]:
+    records = []
     for row in rows:
         record = asdict(row)
         for key, value in record.items():
             if isinstance(value, float):
                 record[key] = "nan" if math.isnan(value) else round(value, 6)
-        writer.writerow(record)
-    return buf.getvalue()
+        records.append(record)
+    return records
 
 
 def _json_value(value: float | int) -> float | int | None:
@@ -331,7 +326,7 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path | None = N
     files = {name: (pred_path, ref_path) for name, pred_path, ref_path in pairs}
     summary = _summary(rows, files, tolerance_mm, pred, ref, failed, unmatched_pred, unmatched_ref)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / TABLE_NAME, _csv_text(rows))
+    atomic_write_csv(folder / TABLE_NAME, list(CaseMetrics.__dataclass_fields__), _csv_records(rows))
     atomic_write_text(folder / SUMMARY_NAME, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
     lines = _printed(rows, tolerance_mm) if rows else []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -16,7 +14,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
-from unetpp3d.atomic import atomic_write_text
+from unetpp3d.atomic import atomic_write_csv, atomic_write_text
 from unetpp3d.inference.postprocess import (
     _HOLE_STRUCTURE,
     _OBJECT_STRUCTURE,
@@ -169,18 +167,13 @@ def write_nodule_report(nodules: Sequence[Nodule], json_path: str | Path, csv_pa
         "nodules": [_json_ready(asdict(nod)) for nod in nodules],
     }
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for nod in nodules:
-        writer.writerow({
+    atomic_write_csv(csv_path, _CSV_FIELDS, [{
             "id": nod.id, "label": nod.label, "voxels": nod.voxels, "volume_ml": f"{nod.volume_ml:.4f}",
             "centre_lps_x_mm": nod.centre_lps_mm[0], "centre_lps_y_mm": nod.centre_lps_mm[1],
             "centre_lps_z_mm": nod.centre_lps_mm[2], "longest_diameter_mm": nod.longest_diameter_mm,
             "mean_probability": "" if nod.mean_probability is None else nod.mean_probability,
             "head_disagreement": "" if nod.head_disagreement is None else nod.head_disagreement,
-        })
-    atomic_write_text(csv_path, buf.getvalue())
+        } for nod in nodules])
 
 
 def _json_ready(value: Any) -> Any:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from unetpp3d.atomic import atomic_write_text
+from unetpp3d.atomic import atomic_write_csv, atomic_write_text
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.imageio.readers import read_image
@@ -266,18 +266,13 @@ def write_point_report(results: list[PointResult], json_path: str | Path, csv_pa
         "results": [asdict(r) for r in results],
     }
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in results:
-        writer.writerow({
+    atomic_write_csv(csv_path, _CSV_FIELDS, [{
             "row": r.row, "id": r.id, "status": r.status, "coordX": r.point_lps_mm[0], "coordY": r.point_lps_mm[1],
             "coordZ": r.point_lps_mm[2], "voxels": r.voxels, **{k: "" if getattr(r, k) is None else getattr(r, k) for k in
                                                                  ("volume_ml", "longest_diameter_mm", "mean_hu",
                                                                   "head_disagreement", "mean_probability", "distance_mm")},
             "note": r.note,
-        })
-    atomic_write_text(csv_path, buf.getvalue())
+        } for r in results])
 
 
 def format_results(results: list[PointResult]) -> str:

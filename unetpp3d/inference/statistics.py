@@ -12,8 +12,6 @@ in JSON, empty in the CSV).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -22,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from unetpp3d.atomic import atomic_write_text
+from unetpp3d.atomic import atomic_write_csv
 from unetpp3d.errors import UserError
 from unetpp3d.geometry import Geometry
 from unetpp3d.strictjson import strict_loads
@@ -110,15 +108,10 @@ def read_statistics_json(path: str | Path) -> list[ClassStatistics]:
 
 def write_statistics_table(rows: Iterable[ClassStatistics], path: str | Path) -> Path:
     """Write every case's rows as one CSV (one row per case and class), atomically."""
-    buf = io.StringIO()
-    names = [f.name for f in fields(ClassStatistics)]
-    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
-    writer.writeheader()
+    records = []
     for row in rows:
         record = asdict(row)
         record["volume_ml"] = _rounded(row.volume_ml, 4)
         record["mean_hu"], record["std_hu"] = _rounded(row.mean_hu, 3), _rounded(row.std_hu, 3)
-        writer.writerow({k: "" if v is None else v for k, v in record.items()})
-    path = Path(path)
-    atomic_write_text(path, buf.getvalue())
-    return path
+        records.append({k: "" if v is None else v for k, v in record.items()})
+    return atomic_write_csv(path, [f.name for f in fields(ClassStatistics)], records)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import re
@@ -14,7 +13,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from unetpp3d.atomic import atomic_write_text, write_failed
+from unetpp3d.atomic import atomic_write_csv, write_failed
 from unetpp3d.preview import save_curves_png
 
 
@@ -49,11 +48,7 @@ class RunLog:
             with open(self.csv_path, newline="", encoding="utf-8") as fh:
                 rows = [r for r in csv.DictReader(fh)
                         if r.get("epoch", "").isdigit() and int(r["epoch"]) <= first_epoch]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.csv_path, buf.getvalue())
+        atomic_write_csv(self.csv_path, self.columns, rows, ignore_extra=True)
 
     def message(self, text: str) -> None:
         """A line on the console and in train.log."""
