@@ -74,6 +74,7 @@ from monai.data import MetaTensor  # noqa: E402
 from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.transforms import Invertd  # noqa: E402
 
+from unetpp3d.atomic import atomic_write_text  # noqa: E402
 from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict  # noqa: E402
 from unetpp3d.data.manifest import Case  # noqa: E402
 from unetpp3d.data.transforms import eval_transforms, pad_value  # noqa: E402
@@ -365,6 +366,14 @@ def cost(name: str, net: torch.nn.Module, names: Sequence[str], cfg: Config, dev
     return out
 
 
+def _device_name(device: str) -> str:
+    """The device as a reader of the results needs it: the card's name on a GPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(dev)})"
+    return device
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -500,6 +509,9 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], meta: dict[
              f"load average (1 min) at start {meta['load_start'][0]:.2f}, at the end of each training "
              f"{', '.join(f'{x:.1f}' for x in meta['load_jobs'])}.", "",
              f"`{meta['command']}`", "",
+             *([] if meta.get("complete", True) else
+               [f"**Partial:** {meta['finished']} of {meta['planned']} trainings had finished when this was "
+                "written; the tables cover those only.", ""]),
              f"{len(summary['cases'])} held-out nodules; {meta['patients']} patients in {meta['folds']} folds by patient"
              + (" (each nodule tested once)" if len(meta["folds_run"]) == meta["folds"] else
                 f" (fold(s) {', '.join(map(str, meta['folds_run']))} run: their test patients only)")
@@ -667,13 +679,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--fold {args.fold}: the protocol has folds 0..{len(folds) - 1}")
     if args.retime:
         return retime(args, work, crops, cfg, settings, commit)
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def write(final: bool) -> dict[str, Any]:
+        """results.json and results.md from the trainings finished so far, so that a run stopped early keeps them."""
+        ordered = sorted(results, key=lambda r: (r["fold"], MODELS.index(r["model"])))
+        summary = collect(ordered, crops)
+        c = cfg
+        meta = {"protocol": args.protocol, "date": _dt.datetime.now().isoformat(timespec="minutes"),
+                "commit": commit,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores ({torch.get_num_threads()} torch threads x "
+                           f"{jobs} job(s)), torch {torch.__version__}, device {_device_name(args.device)}",
+                "wall_minutes": (time.perf_counter() - start) / 60.0, "load_start": list(load_start),
+                "load_jobs": [r["load"][0] for r in ordered], "finished": len(ordered), "planned": len(work),
+                "complete": final,
+                "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+                "patients": len({x.patient for x in crops}), "folds": len(folds),
+                "folds_run": sorted({r["fold"] for r in ordered}),
+                "recipe": (f"features {c.model.features}, strides {c.model.strides}, patch {c.data.patch_size} at "
+                           f"{c.data.target_spacing} mm, batch {c.data.batch_size}, {c.train.epochs} x "
+                           f"{c.train.iterations_per_epoch} iterations, {c.train.optimizer} lr {c.train.lr} "
+                           f"{c.train.schedule}, loss {c.train.loss}, validation every {c.train.val_every} epochs"),
+                "settings": settings, "config": cfg.to_dict()}
+        payload = {"meta": meta, "summary": {k: v for k, v in summary.items() if k != "scores"},
+                   "per_nodule": {label: per_case for label, per_case in summary["scores"].items()},
+                   "nodules": {x.name: {**asdict(x), "equivalent_diameter_mm": x.equivalent_diameter_mm}
+                               for x in crops},
+                   "runs": [{k: v for k, v in r.items() if k != "rows"} for r in ordered]}
+        atomic_write_text(args.out / "results.json", json.dumps(payload, indent=1) + "\n")
+        atomic_write_text(args.out / "results.md", markdown(summary, ordered, meta))
+        return {"summary": summary, "results": ordered, "meta": meta}
 
     def done(res: dict[str, Any]) -> None:
         results.append(res)
         print(f"fold {res['fold']} {res['model']}: val Dice {res['best_val_dice']:.3f}, trained "
               f"{res['train_seconds']:.0f} s, scored {res['eval_seconds']:.0f} s, load {res['load'][0]:.2f} "
               f"[{time.perf_counter() - start:.0f} s]", flush=True)
+        if len(results) < len(work):
+            write(final=False)
 
     if jobs <= 1:
         _preprocess(crops, cfg)
@@ -685,28 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  initargs=(crops, cfg.to_dict(), threads)) as pool:
             for res in pool.map(run_job, work):
                 done(res)
-    results.sort(key=lambda r: (r["fold"], MODELS.index(r["model"])))
-    summary = collect(results, crops)
-    c = cfg
-    meta = {"protocol": args.protocol, "date": _dt.datetime.now().isoformat(timespec="minutes"), "commit": commit,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores ({torch.get_num_threads()} torch threads x "
-                       f"{jobs} job(s)), torch {torch.__version__}, device {args.device}",
-            "wall_minutes": (time.perf_counter() - start) / 60.0, "load_start": list(load_start),
-            "load_jobs": [r["load"][0] for r in results],
-            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "patients": len({x.patient for x in crops}), "folds": len(folds),
-            "folds_run": sorted({r["fold"] for r in results}),
-            "recipe": (f"features {c.model.features}, strides {c.model.strides}, patch {c.data.patch_size} at "
-                       f"{c.data.target_spacing} mm, batch {c.data.batch_size}, {c.train.epochs} x "
-                       f"{c.train.iterations_per_epoch} iterations, {c.train.optimizer} lr {c.train.lr} "
-                       f"{c.train.schedule}, loss {c.train.loss}, validation every {c.train.val_every} epochs"),
-            "settings": settings, "config": cfg.to_dict()}
-    payload = {"meta": meta, "summary": {k: v for k, v in summary.items() if k != "scores"},
-               "per_nodule": {label: per_case for label, per_case in summary["scores"].items()},
-               "nodules": {x.name: {**asdict(x), "equivalent_diameter_mm": x.equivalent_diameter_mm} for x in crops},
-               "runs": [{k: v for k, v in r.items() if k != "rows"} for r in results]}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    (args.out / "results.md").write_text(markdown(summary, results, meta), encoding="utf-8")
+    final = write(final=True)
+    summary, results, meta = final["summary"], final["results"], final["meta"]
     print(markdown(summary, results, meta))
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
     return 0
