@@ -19,6 +19,7 @@ from benchlib import CLASSES, Table, agreement, as_list, build, count_flops, int
 from unetpp3d.model.portable import ModeNet
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_TRAIN = "bf16 reference"  # the variant `unetpp3d train` runs on a GPU (model.network.fused_pays)
 AGREEMENT_GOAL = 0.995  # issue 17: masks of the optimised paths against the fp32 overlap-0.5 reference
 
 
@@ -62,22 +63,23 @@ def cuda_train(table: Table, args) -> None:
     y = torch.randint(0, CLASSES, (batch, size, size, size), device=device)
 
     # Most telling first, so that a run cut short by a time limit still has them (--json is
-    # rewritten after every row). The first is what `unetpp3d train` runs on a GPU.
+    # rewritten after every row). The first is what `unetpp3d train` runs on a GPU: the plain path
+    # in NCDHW (unetpp3d.model.network.fused_pays, from the H200 run of 2026-11-27 in RESULTS.md).
     variants = [  # (model, dtype, layout, compile, checkpointing)
-        ("ours", "bf16", "channels_last", False, False),
+        ("ours", "bf16", "reference", False, False),
         ("monai_upp", "bf16", "ncdhw", False, False),
+        ("ours", "bf16", "ncdhw", False, False),
+        ("ours", "fp16", "reference", False, False),
+        ("monai_upp", "fp16", "ncdhw", False, False),
+        ("ours", "fp32", "reference", False, False),
+        ("monai_upp", "fp32", "ncdhw", False, False),
+        ("ours", "bf16", "channels_last", False, False),
         ("ours", "bf16", "channels_last", False, True),
         ("monai_upp", "bf16", "channels_last", False, False),
-        ("ours", "bf16", "reference", False, False),
-        ("ours", "fp16", "channels_last", False, False),
-        ("monai_upp", "fp16", "ncdhw", False, False),
-        ("ours", "fp32", "channels_last", False, False),
-        ("monai_upp", "fp32", "ncdhw", False, False),
-        ("ours", "bf16", "ncdhw", False, False),
         ("monai_unet", "bf16", "ncdhw", False, False),
     ]
     if args.compile in ("ours", "all"):
-        variants.append(("ours", "bf16", "channels_last", True, False))
+        variants.insert(3, ("ours", "bf16", "reference", True, False))
     if args.compile == "all":
         variants += [("monai_upp", "bf16", "ncdhw", True, False), ("ours", "bf16", "channels_last", True, True)]
     if args.quick:
@@ -151,7 +153,7 @@ def cuda_train(table: Table, args) -> None:
 
 
 def _train_targets(table: Table, results: dict, setting: str) -> None:
-    default = results.get(("ours", "bf16 channels_last"))  # what `unetpp3d train` runs on a GPU
+    default = results.get(("ours", DEFAULT_TRAIN))  # what `unetpp3d train` runs on a GPU
     if not default:
         table.target(f"train step / convolutions alone ({setting})", "<= 1.25", "not measured", False,
                      "the default variant failed or did not run")
@@ -162,7 +164,7 @@ def _train_targets(table: Table, results: dict, setting: str) -> None:
         fastest = min(ours_bf16, key=lambda n: ours_bf16[n]["time"])
         measured = default["time"] / best_floor
         table.target(f"train step / convolutions alone ({setting})", "<= 1.25", f"{measured:.2f}", measured <= 1.25,
-                     f"default (channels_last) {default['time'] * 1e3:.0f} ms, floor {best_floor * 1e3:.0f} ms "
+                     f"default ({DEFAULT_TRAIN}) {default['time'] * 1e3:.0f} ms, floor {best_floor * 1e3:.0f} ms "
                      f"(fastest layout's); fastest of ours: {fastest}, {ours_bf16[fastest]['time'] * 1e3:.0f} ms")
     monai_peaks = [r["peak"] for (k, n), r in results.items() if k == "monai_upp" and n.startswith("bf16") and r["peak"]]
     if default["peak"] is None:
@@ -174,7 +176,7 @@ def _train_targets(table: Table, results: dict, setting: str) -> None:
         table.target(f"train peak memory / MONAI's ({setting})", "<= 0.60", f"{measured:.2f}", measured <= 0.60,
                      f"default {default['peak']:.1f} GiB, MONAI {min(monai_peaks):.1f} GiB; lowest of ours: {lowest}, "
                      f"{ours_bf16[lowest]['peak'] / min(monai_peaks):.2f}")
-    compiled = results.get(("ours", "bf16 channels_last compile"))
+    compiled = results.get(("ours", f"{DEFAULT_TRAIN} compile"))
     if compiled:
         table.target("torch.compile, ours bf16 training step", "report", f"{default['time'] * 1e3:.0f} -> "
                      f"{compiled['time'] * 1e3:.0f} ms ({default['time'] / compiled['time']:.2f}x)", None,
@@ -301,10 +303,10 @@ def cuda_infer(table: Table, args) -> None:
     ours.fused = False  # the references come from the plain path
     with torch.inference_mode():
         references = {"accurate": run(accurate, "ours")().argmax(1), "fast L2": run(fast, "ours")().argmax(1)}
-    ours.fused = True
-    reference_path = ModeNet(_prepare("ours", build("ours", device, model=args.model).eval(), "reference", False))
-    if args.fit_steps and not args.model:
-        reference_path.net.load_state_dict(ours.state_dict())
+    ours.use_device(device)  # then the path `unetpp3d infer` takes here: plain on CUDA, fused on the CPU
+    other = "channels_last" if not ours.fused else "reference"  # the other path, for comparison
+    other_path = ModeNet(_prepare("ours", build("ours", device, model=args.model).eval(), other, False))
+    other_path.net.load_state_dict(ours.state_dict())
     section = f"{device.type} infer {size}^3 roi{roi[0]}"
     configs = {
         ("monai_upp", "fp32 ov0.5 swb4"): run(monai_upp, "monai_upp", "fp32"),
@@ -313,7 +315,7 @@ def cuda_infer(table: Table, args) -> None:
         ("ours", "accurate fp32 ov0.5 swb4"): run(accurate, "ours", "fp32"),
         ("ours", "accurate bf16 ov0.5 swb4"): run(accurate, "ours", "bf16"),
         ("ours", "accurate fp16 ov0.5 swb4"): run(accurate, "ours", "fp16"),
-        ("ours", "accurate bf16 ov0.5 swb4 reference path"): run(reference_path, "ours", "bf16"),
+        ("ours", f"accurate bf16 ov0.5 swb4 {other} path"): run(other_path, "ours", "bf16"),
         ("ours", "accurate bf16 ov0.25 swb9"): run(accurate, "ours", "bf16", ov=0.25, swb=9),
         ("ours", "accurate fp16 ov0.25 swb9"): run(accurate, "ours", "fp16", ov=0.25, swb=9),
         ("ours", "fast L2 bf16 ov0.5 swb4"): run(fast, "ours", "bf16"),

@@ -46,6 +46,57 @@ def test_fused_is_the_default():
     assert tiny().fused is True and tiny().checkpointing is False
 
 
+def test_the_path_is_chosen_per_device_by_measurement():
+    """Fused on the CPU; the plain path on CUDA, where it measured faster (bench/RESULTS.md)."""
+    from unetpp3d.model.network import fused_pays
+
+    assert fused_pays(torch.device("cpu")) is True
+    assert fused_pays(torch.device("cuda", 0)) is False
+
+
+def test_on_device_takes_the_fused_path_on_the_cpu_and_leaves_other_networks_alone():
+    from monai.networks.nets import BasicUNet
+
+    from unetpp3d.model.network import on_device
+    from unetpp3d.model.unet import UNet3D
+
+    for net in (tiny(), UNet3D(1, 2, features=[4, 8, 16])):
+        net.fused = False
+        net = net.to(memory_format=torch.contiguous_format)
+        placed = on_device(net, "cpu")
+        assert placed is net and net.fused is True
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    other = BasicUNet(3, 1, 2, features=(4, 4, 8, 16, 32, 4))
+    assert on_device(other, "cpu") is other and not hasattr(other, "fused")
+
+
+def test_off_the_cpu_the_plain_path_unless_checkpointing_needs_the_fused_one():
+    """The meta device stands in for a GPU here: any device but the CPU gets the plain path."""
+    from unetpp3d.model.network import on_device
+
+    net = on_device(tiny(), "meta")
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+    assert net.fused is False and conv.weight.is_meta and conv.weight.is_contiguous()
+    asked = tiny()
+    asked.checkpointing = True
+    assert on_device(asked, "meta").fused is True
+
+
+@pytest.mark.gpu
+def test_on_device_takes_the_plain_ncdhw_path_on_cuda(x):
+    from unetpp3d.model.network import on_device
+
+    net = tiny().eval()
+    with torch.no_grad():
+        expected = net(x)
+        placed = on_device(net, "cuda")
+        assert placed.fused is False
+        conv = next(m for m in placed.modules() if isinstance(m, torch.nn.Conv3d))
+        assert conv.weight.is_cuda and conv.weight.is_contiguous()
+        torch.testing.assert_close(placed(x.cuda()).cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(),
     dict(norm="group", upsample="trilinear"),

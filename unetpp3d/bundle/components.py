@@ -34,6 +34,7 @@ from unetpp3d.inference.nodules import nodule_components, write_nodule_report
 from unetpp3d.inference.pipeline import PRED_KEY
 from unetpp3d.inference.predictor import complete_probabilities
 from unetpp3d.model.checkpoint import load_state_dict
+from unetpp3d.model.network import on_device
 
 log = logging.getLogger("unetpp3d")
 
@@ -158,7 +159,7 @@ def load_network(network: nn.Module, weights: str | os.PathLike, device: str | t
         network.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"{path}: does not fit network_def ({str(exc).splitlines()[0]})") from None
-    return network.to(device).eval()
+    return on_device(network, device).eval()
 
 
 class NoduleReportd(MapTransform):

@@ -61,7 +61,7 @@ from unetpp3d.inference.pipeline import (
 from unetpp3d.inference.pruning import load_pruning_choice
 from unetpp3d.inference.quality import HeadQualityNet, disagreement, has_heads
 from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet, accepts_prune_level
-from unetpp3d.model.network import COMBINE
+from unetpp3d.model.network import COMBINE, on_device
 from unetpp3d.tasks import task_rules
 
 log = logging.getLogger("unetpp3d")
@@ -230,7 +230,7 @@ class Predictor:
         self.amp = bool(amp)
         self.amp_dtype = autocast_dtype(self.amp, self.device)
 
-        self.networks = [net.to(self.device).eval() for net in networks]
+        self.networks = [on_device(net, self.device).eval() for net in networks]
         self.network = self.networks[0]  # the model a bundle exports; the first of an ensemble
         possible = mode == "accurate" and combine == "probabilities" and all(has_heads(n) for n in self.networks)
         if quality and not possible:

@@ -34,6 +34,7 @@ from torch import nn
 from unetpp3d.atomic import atomic_path, atomic_write_text
 from unetpp3d.evaluation.metrics import dice_per_class
 from unetpp3d.inference.quality import has_heads, head_logits
+from unetpp3d.model.network import on_device
 
 log = logging.getLogger("unetpp3d")
 
@@ -106,7 +107,7 @@ def measure_pruning(net: nn.Module, cases: Iterable[dict[str, torch.Tensor]], pa
     if not has_heads(net):
         raise ValueError(f"{type(net).__name__} has no deep-supervision heads to prune to")
     device = torch.device(device)
-    net = net.to(device).eval()
+    net = on_device(net, device).eval()
     depth = int(net.depth)
     dice: dict[str, list[float]] = {f"L{lvl}": [] for lvl in range(1, depth + 1)}
     dice["accurate"] = []

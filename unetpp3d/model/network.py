@@ -17,6 +17,7 @@ the plain reference path, written to read like the figure, and the default fused
 runs the convolutions channels-last, computes instance norm as a per-channel group norm (whose
 CPU kernel keeps channels-last instead of copying to contiguous), and can recompute the cheap
 operations in the backward pass instead of storing them (``net.checkpointing``).
+:func:`on_device` picks the path per device by measurement: fused on the CPU, plain on CUDA.
 tests/test_network_perf.py checks that the two agree, outputs and gradients.
 """
 
@@ -112,6 +113,25 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+def fused_pays(device: torch.device) -> bool:
+    """Whether the fused path is the faster one on ``device``.
+
+    On the CPU it is (bench/RESULTS.md: the forward 1.34x MONAI's per FLOP in fp32). On an
+    NVIDIA H200 the plain path in NCDHW ran the bf16 training step of the benchmark's network
+    (128^3, batch 2) in 199 ms with a 12.4 GiB peak, the fused channels-last path in 273 ms
+    with 19.6 GiB: CUDA autocast keeps group_norm in fp32, and cuDNN's 3D convolutions ran
+    slower channels-last (MONAI's UNet++ too: 304 ms against 220 ms).
+    """
+    return device.type == "cpu"
+
+
+def on_device(net: nn.Module, device: str | torch.device) -> nn.Module:
+    """``net`` moved to ``device``; the project's own networks also take the path that is faster there."""
+    if isinstance(net, SavedArgsNetwork):
+        return net.use_device(device)
+    return net.to(device)
+
+
 class SavedArgsNetwork(nn.Module):
     """What the project's segmentation networks share: validated constructor arguments kept as
     ``model_args`` (plain types, so ``torch.load(weights_only=True)`` accepts them), a per-axis
@@ -160,6 +180,18 @@ class SavedArgsNetwork(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
         save_checkpoint(path, {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})})
+
+    def use_device(self, device: str | torch.device) -> Any:
+        """Move to ``device`` and take the forward path measured fastest there (:func:`fused_pays`).
+
+        Activation checkpointing exists on the fused path only, so a network asked to checkpoint
+        keeps that path everywhere (on the H200 the plain path without it peaked no higher:
+        12.4 GiB against 12.3 GiB, bench/RESULTS.md).
+        """
+        device = torch.device(device)
+        self.fused = fused_pays(device) or bool(getattr(self, "checkpointing", False))
+        layout = torch.channels_last_3d if self.fused and self.channels_last else torch.contiguous_format
+        return self.to(device=device, memory_format=layout)
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any]) -> Any:

@@ -57,6 +57,7 @@ from unetpp3d.errors import UserError
 from unetpp3d.evaluation.metrics import dice_per_class
 from unetpp3d.hardware import autocast_dtype
 from unetpp3d.model.checkpoint import non_finite_tensors, save_checkpoint
+from unetpp3d.model.network import on_device
 from unetpp3d.training.distributed import Dist
 from unetpp3d.training.optim import lr_factor, make_optimizer, make_scheduler
 from unetpp3d.training.rng import (
@@ -379,7 +380,7 @@ def build_trainer(cfg: Config, prep: Preprocessing, net: nn.Module, loss_fn: Los
     folder = Path(folder)
     amp = autocast_dtype(cfg.train.amp, device, name="train.amp")
     configure_determinism(cfg.train, device)
-    net = net.to(device)
+    net = on_device(net, device)
     if resume is not None:
         net.load_state_dict(resume["state_dict"])
     model = net
