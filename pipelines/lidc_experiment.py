@@ -2,7 +2,7 @@
 """The UNet++ paper's 3D lung-nodule experiment on LIDC-IDRI crops, fairly: one command, one recipe.
 
     python pipelines/lidc_experiment.py --protocol reduced --out /tmp/lidc_reduced      # 2 CPU cores, < 1 h
-    python pipelines/lidc_experiment.py --protocol full --device cuda --out OUT          # one GPU, ~8 min
+    python pipelines/lidc_experiment.py --protocol full --device cuda --out OUT          # one GPU (aimed at ~8 min; docs/lidc.md)
 
 Zhou et al. (UNet++, DLMIA 2018, arXiv:1807.10165) report IoU 71.47 for U-Net and 77.21 for
 UNet++ with deep supervision on LIDC-IDRI nodule crops. This recipe repeats the comparison on
@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -84,7 +85,7 @@ from unetpp3d.inference.pruning import measure_pruning, write_pruning_table  # n
 from unetpp3d.inference.quality import dice_gap, head_logits, head_spread  # noqa: E402
 from unetpp3d.model.checkpoint import load_checkpoint  # noqa: E402
 from unetpp3d.model.fused import flop_counter_mode  # noqa: E402
-from unetpp3d.model.network import UNetPlusPlus3D  # noqa: E402
+from unetpp3d.model.network import UNetPlusPlus3D, on_device  # noqa: E402
 from unetpp3d.model.unet import UNet3D, count_parameters, matched_features  # noqa: E402
 from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
 from unetpp3d.training.rng import seed_everything  # noqa: E402
@@ -116,6 +117,7 @@ class Crop:
     texture: int
     csv_diameter_mm: float
     volume_mm3: float
+    extent_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # field of view per axis (the file's order)
 
     @property
     def equivalent_diameter_mm(self) -> float:
@@ -151,8 +153,9 @@ def load_crops(data_dir: Path, limit_patients: int | None = None, seed: int = 0)
         reader.SetFileName(str(mask))
         m = reader.Execute()
         volume = float(sitk.GetArrayViewFromImage(m).astype(bool).sum()) * float(np.prod(m.GetSpacing()))
+        extent = tuple(round(n * sp, 2) for n, sp in zip(m.GetSize(), m.GetSpacing()))
         crops.append(Crop(name, row["patient_id"], str(image), str(mask), int(row["Texture_value"]),
-                          float(row["diameter_mm"]), volume))
+                          float(row["diameter_mm"]), volume, extent))
     if limit_patients:
         patients = sorted({c.patient for c in crops})
         keep = set(random.Random(seed).sample(patients, min(limit_patients, len(patients))))
@@ -209,7 +212,8 @@ def _preprocess(crops: Sequence[Crop], cfg: Config) -> None:
         items[crop.name] = eval_pipe({"image": crop.image, "label": crop.mask})
         native[crop.name] = read_image(crop.mask, is_label=True)[0] > 0
     cases = {c.name: Case(c.name, Path(c.image), Path(c.mask)) for c in crops}
-    _CACHE.update(prep=prep, eval_pipe=eval_pipe, items=items, native=native, cases=cases)
+    _CACHE.update(prep=prep, eval_pipe=eval_pipe, items=items, native=native, cases=cases,
+                  extents={c.name: c.extent_mm for c in crops})
 
 
 def _init_worker(crops: Sequence[Crop], cfg_dict: dict, threads: int) -> None:
@@ -391,8 +395,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     name, fold = job["model"], job["fold"]
     folder = Path(job["out"]) / "runs" / f"fold{fold}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    prep = _CACHE["prep"]
     split = job["split"]
+    # The checkpoint records what the model saw, as `unetpp3d train` does: infer then warns when it
+    # is run on a whole chest CT rather than at points.
+    seen = [_CACHE["extents"][n] for n in split["training"]]
+    prep = dataclasses.replace(_CACHE["prep"], field_of_view_mm=[round(max(e[i] for e in seen), 1) for i in range(3)])
     start = time.perf_counter()
     seed_everything(cfg.train.seed)  # the same initial draw for every model of a fold
     net = build_model(name, cfg)
@@ -574,7 +581,7 @@ def retime(args: argparse.Namespace, work: list[dict[str, Any]], crops: Sequence
         best = args.out / "runs" / f"fold{job['fold']}_{job['model']}" / "best.pt"
         if not best.is_file():
             raise SystemExit(f"{best}: missing; --retime times the runs of an earlier run of this command")
-        net = build_model(job["model"], cfg).to(device)
+        net = on_device(build_model(job["model"], cfg), device)
         net.load_state_dict(load_checkpoint(best, map_location=device)["state_dict"])
         rows.append({"fold": job["fold"], "model": job["model"], "load": os.getloadavg(),
                      "cost": cost(job["model"], net, job["split"]["test"][: job["timing_crops"]], cfg, device)})

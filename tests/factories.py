@@ -93,11 +93,13 @@ def make_prep(task: str = "liver", spacing=(8.0, 8.0, 8.0), patch=(32, 32, 32), 
 
 
 def tiny_payload(task: str = "liver", features=FEATURES, seed: int = 0, prep: Preprocessing | None = None,
-                 epoch: int = 1, all_foreground: bool = False, volume_range_ml: dict | None = None, **infer) -> dict:
+                 epoch: int = 1, all_foreground: bool = False, volume_range_ml: dict | None = None,
+                 field_of_view_mm: list | None = None, **infer) -> dict:
     """A checkpoint payload of a randomly initialised tiny UNet++ (``infer`` sets the model's infer config).
 
-    ``all_foreground``: heads that say class 1 wherever they look; ``volume_range_ml``: the
-    training set's label volumes, as ``unetpp3d train`` stores them in the preprocessing.
+    ``all_foreground``: heads that say class 1 wherever they look; ``volume_range_ml`` and
+    ``field_of_view_mm``: the training set's label volumes and largest extents, as ``unetpp3d
+    train`` stores them in the preprocessing.
     """
     torch.manual_seed(seed)
     net = UNetPlusPlus3D(in_channels=1, out_channels=2, features=features)
@@ -109,6 +111,8 @@ def tiny_payload(task: str = "liver", features=FEATURES, seed: int = 0, prep: Pr
     prep_dict = (prep or make_prep(task)).to_dict()
     if volume_range_ml is not None:
         prep_dict["volume_range_ml"] = volume_range_ml
+    if field_of_view_mm is not None:
+        prep_dict["field_of_view_mm"] = field_of_view_mm
     cfg = Config(task=task)
     cfg.infer.overlap, cfg.infer.sw_batch_size = 0.25, 4
     for key, value in infer.items():

@@ -474,8 +474,8 @@ def test_dicom_element_longer_than_its_file_is_refused_before_gdcm_allocates_it(
     struct.pack_into("<I", data, pixel_data + 4, 0x80000002)
     series = tmp_path / "series"
     series.mkdir()
-    for name, seed in seeds["dicom-series"].items():
-        (series / name).write_bytes(bytes(data) if name == "s2.dcm" else seed)
+    for name, content in seeds["dicom-series"].items():
+        (series / name).write_bytes(bytes(data) if name == "s2.dcm" else content)
     with pytest.raises(UserError, match=r"s2\.dcm: damaged DICOM file: element \(7FE0,0010\).*2,147,483,650 bytes"):
         read_image(series)
     # a truncated slice is refused too, instead of being skipped as "not DICOM"

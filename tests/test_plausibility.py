@@ -8,8 +8,10 @@ import pytest
 from unetpp3d.commands.check import run_check
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
 from unetpp3d.data.plausibility import (
+    field_of_view_mm,
     field_of_view_warnings,
     intensity_warnings,
+    view_warnings,
     volume_range,
     volume_warnings,
 )
@@ -55,6 +57,19 @@ def test_volumes_far_outside_the_training_range_are_named():
     assert volume_warnings({"1": 1700.0}, trained, {"1": "liver"}) == []
     assert "liver volume 100 mL is far outside" in volume_warnings({"1": 100.0}, trained, {"1": "liver"})[0]
     assert volume_warnings({"1": 9000.0}, trained, {"1": "liver"})
+
+
+def test_a_scan_far_larger_than_the_training_cases_is_named():
+    """A model trained on nodule crops (about 31 x 31 x 40 mm) run on a whole chest CT warns; a liver
+    model's whole abdomen on a slightly larger abdomen does not."""
+    crops = field_of_view_mm([(44, 44, 30), (40, 46, 12)], [(0.7, 0.7, 1.25), (0.7, 0.7, 2.5)])
+    assert crops == [30.8, 32.2, 37.5]
+    chest = Geometry((512, 512, 61), (0.63, 0.63, 5.0), (0.0, 0.0, 0.0), EYE)
+    (warning,) = view_warnings(chest, crops)
+    assert "at most 31 x 32 x 38 mm" in warning and "323 x 323 x 305 mm" in warning and "--points" in warning
+    assert view_warnings(chest, None) == []  # an older model: not judged
+    abdomen = [400.0, 400.0, 300.0]
+    assert view_warnings(Geometry((512, 512, 120), (0.9, 0.9, 3.0), (0.0, 0.0, 0.0), EYE), abdomen) == []
 
 
 def test_check_warns_about_a_label_map_given_as_the_image(make_image, tmp_path, capsys):

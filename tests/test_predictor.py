@@ -348,6 +348,19 @@ def test_a_volume_far_outside_the_training_range_is_warned_about(small_scan, tmp
     assert "warning" not in row and "training set" not in caplog.text
 
 
+def test_a_crop_trained_model_on_a_larger_scan_says_so(small_scan, tmp_path, capsys, caplog):
+    """The issue's case: a model that saw only small crops, run on a whole scan, warns and names --points."""
+    model = save_checkpoint(tmp_path / "crops" / "best.pt", field_of_view_mm=[10.0, 10.0, 10.0])
+    assert run_inference([small_scan], tmp_path / "out", model=model, device="cpu") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sphere"))
+    assert "warning: the model was trained on cases of at most 10 x 10 x 10 mm" in row and "--points" in row
+    assert "never saw most of this anatomy" in caplog.text
+    caplog.clear()
+    wide = save_checkpoint(tmp_path / "wide" / "best.pt", field_of_view_mm=[500.0, 500.0, 500.0])
+    assert run_inference([small_scan], tmp_path / "out_wide", model=wide, device="cpu") == 0
+    assert "never saw" not in caplog.text
+
+
 def test_a_stored_volume_range_is_checked_when_read():
     data = make_prep().to_dict()
     assert Preprocessing.from_dict({**data, "volume_range_ml": {"1": [10, 20.5]}}).volume_range_ml == {"1": [10, 20.5]}

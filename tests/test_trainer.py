@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -31,9 +32,9 @@ from unetpp3d.commands.check import run_check
 from unetpp3d.commands.train import _load_run_config, run_training
 from unetpp3d.config import TrainConfig, load_config
 from unetpp3d.data.fingerprint import fingerprint
-from unetpp3d.data.loader import EpochSampler, TrainLoader
+from unetpp3d.data.loader import EpochSampler, TrainLoader, worker_context
 from unetpp3d.data.manifest import Case, load_manifest, write_manifest
-from unetpp3d.data.plausibility import volume_range
+from unetpp3d.data.plausibility import field_of_view_mm, volume_range
 from unetpp3d.data.validation import inspect_case
 from unetpp3d.model.checkpoint import PAYLOAD_KEYS, load_checkpoint
 from unetpp3d.model.planning import plan
@@ -179,7 +180,10 @@ def test_resume_with_the_first_runs_command_line(phantoms, tmp_path):
     # The training cases' label volumes (not validation's) go with the model, for infer's warning.
     fp, split = (json.loads((run / name).read_text()) for name in ("dataset.fingerprint.json", "split.json"))
     trained = volume_range([c["label_volumes_ml"] for c in fp["cases"] if c["name"] in split["training"]])
-    assert trained["1"][0] > 0 and load_checkpoint(run / "last.pt")["preprocessing"]["volume_range_ml"] == trained
+    prep = load_checkpoint(run / "last.pt")["preprocessing"]
+    assert trained["1"][0] > 0 and prep["volume_range_ml"] == trained
+    seen = [c for c in fp["cases"] if c["name"] in split["training"]]
+    assert prep["field_of_view_mm"] == field_of_view_mm([c["size"] for c in seen], [c["spacing"] for c in seen])
     run_training(phantoms, SMOKE, run, resume=True, device="cpu",
                  overrides=TINY + ["train.epochs=2", "train.iterations_per_epoch=1"])  # --set still changes values
     assert last_epoch(run) == 2 and "resuming at epoch 2/2" in (run / "train.log").read_text()
@@ -445,6 +449,27 @@ def test_an_epoch_draws_the_same_patches_however_the_run_got_there(workers):
     assert all(torch.equal(x, y) for x, y in zip(epoch1, again))
     other_rank = batches(make(rank=1), 1)
     assert not any(torch.equal(x, y) for x, y in zip(epoch1, other_rank))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="this platform cannot fork")
+def test_loader_workers_fork_even_where_the_default_is_spawn():
+    """A process started by spawn (the LIDC experiment's jobs) makes spawn its children's default;
+    spawned workers would import torch again and receive the whole cached dataset by pickle at
+    every epoch. The loaders fork their workers whatever the default."""
+    data = [{"image": np.zeros((1, 8, 8, 8), np.float32), "label": np.zeros((1, 8, 8, 8), np.float32)}] * 2
+    transform = Compose([RandSpatialCropSamplesd(["image", "label"], roi_size=(4, 4, 4), num_samples=2,
+                                                 random_size=False)])
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        loader = TrainLoader(Dataset(data, transform), batch_size=2, samples_per_volume=2, iterations=2,
+                             num_workers=1)
+        assert loader.loader.multiprocessing_context.get_start_method() == "fork"
+        loader.set_epoch(0)
+        assert [b["image"].shape for b in loader] == [(2, 1, 4, 4, 4)] * 2
+        assert worker_context(0) is None
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def test_train_checkpointing_setting_reaches_the_network(phantoms, tmp_path, monkeypatch):

@@ -468,6 +468,10 @@ class Preprocessing:
     # Class number -> [smallest, largest] label volume (mL) among the training cases, for
     # inference's warning about a volume far outside it. Older checkpoints lack it: no warning.
     volume_range_ml: dict[str, list[float]] | None = None
+    # The training cases' largest field of view per axis (mm, x y z): a model that saw only
+    # nodule-centred crops has never seen the rest of a chest as background, and inference on a
+    # much larger scan warns (unetpp3d.data.plausibility.view_warnings). Older checkpoints lack it.
+    field_of_view_mm: list[float] | None = None
 
     @property
     def num_classes(self) -> int:

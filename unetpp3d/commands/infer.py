@@ -24,7 +24,7 @@ from unetpp3d import __version__
 from unetpp3d.atomic import atomic_write_text
 from unetpp3d.config import INFER_MODES
 from unetpp3d.data.manifest import case_name
-from unetpp3d.data.plausibility import scan_warnings, volume_warnings
+from unetpp3d.data.plausibility import scan_warnings, view_warnings, volume_warnings
 from unetpp3d.errors import UserError, exit_status
 from unetpp3d.imageio.dicom_seg import require_highdicom, write_dicom_seg
 from unetpp3d.imageio.formats import IMAGE_SUFFIXES
@@ -235,8 +235,9 @@ def _run_case(predictor: Predictor, case: InputCase, targets: _Targets, output_t
     if result.quality is not None:
         log.info("%s: head disagreement %.4f inside the mask", case.name, result.quality)
     # Segmented all the same, but a result on such an input is likely meaningless: say so.
-    warnings = scan_warnings(result.image_xyz, result.geometry) + _volume_warnings(predictor, result.mask_xyz,
-                                                                                  result.geometry.voxel_volume_ml())
+    warnings = (scan_warnings(result.image_xyz, result.geometry) + view_warnings(result.geometry,
+                                                                                predictor.prep.field_of_view_mm)
+                + _volume_warnings(predictor, result.mask_xyz, result.geometry.voxel_volume_ml()))
     for w in warnings:
         log.warning("%s: %s", case.name, w)
     note = "; ".join([*(f"warning: {w}" for w in warnings), *([note] if note else [])])

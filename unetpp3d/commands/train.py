@@ -33,7 +33,7 @@ from unetpp3d.config import (
 from unetpp3d.data.fingerprint import dataset_differences, fingerprint_mismatch, read_fingerprint
 from unetpp3d.data.leaks import leak_messages
 from unetpp3d.data.manifest import Case, Manifest, load_manifest, split_cases
-from unetpp3d.data.plausibility import volume_range
+from unetpp3d.data.plausibility import field_of_view_mm, volume_range
 from unetpp3d.data.transforms import pad_value
 from unetpp3d.data.validation import default_fingerprint_path, fingerprint_of, inspect_case
 from unetpp3d.errors import UserError
@@ -279,11 +279,12 @@ def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None
             plan_.cfg, plan_.prep = plan(plan_.cfg, fp, man.labels, echo=plan_.notes.append)
         except UserError as exc:  # name the config the bad values came from
             raise UserError(f"{plan_.source}: {exc}") from None
-        # The training cases' label volumes alone (validation is not what the model learnt from):
-        # infer warns when a predicted volume is far outside them.
+        # The training cases' label volumes and fields of view alone (validation is not what the
+        # model learnt from): infer warns when a predicted volume or a scan is far outside them.
         names = {c.name for c in plan_.train_cases}
-        plan_.prep.volume_range_ml = volume_range([c.get("label_volumes_ml") or {} for c in fp.get("cases", [])
-                                                   if c.get("name") in names])
+        seen = [c for c in fp.get("cases", []) if c.get("name") in names]
+        plan_.prep.volume_range_ml = volume_range([c.get("label_volumes_ml") or {} for c in seen])
+        plan_.prep.field_of_view_mm = field_of_view_mm([c["size"] for c in seen], [c["spacing"] for c in seen])
     _check_network(plan_.cfg, plan_.prep, _model_args(plan_.cfg, plan_.prep), plan_.source)
 
 

@@ -21,6 +21,7 @@ HU_LOW, HU_HIGH = -1200.0, 4000.0  # beyond, for most of the scan: not HU
 MIN_SPREAD_HU = 100.0  # a body CT spans air to tissue; a few units of spread is normalised data
 MIN_EXTENT_MM, MAX_EXTENT_MM = 10.0, 2000.0
 VOLUME_FACTOR = 3.0  # a predicted volume this far outside the training range warns
+VIEW_FACTOR = 8.0  # a scan whose field of view holds this many times the training cases' warns (2x per axis)
 _SAMPLE = 200_000
 
 
@@ -99,3 +100,30 @@ def volume_warnings(volumes_ml: dict[str, float], trained: dict[str, list[float]
             out.append(f"predicted {names.get(str(cls), cls)} volume {ml:.0f} mL is far outside the training set's "
                        f"{low:.0f}-{high:.0f} mL: is this the organ and the kind of scan the model was trained on?")
     return out
+
+
+def field_of_view_mm(sizes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]]) -> list[float]:
+    """The largest extent per axis (mm) among cases of the given sizes and spacings (same axis order)."""
+    extents = np.asarray(sizes, dtype=float) * np.asarray(spacings, dtype=float)
+    return [round(float(e), 1) for e in extents.max(axis=0)]
+
+
+def view_warnings(geometry: Geometry, trained_mm: Sequence[float] | None) -> list[str]:
+    """A scan far larger than anything the model was trained on (a crop-trained model on a whole scan).
+
+    Args:
+        geometry: the scan's grid.
+        trained_mm: the training cases' largest extent per axis (:func:`field_of_view_mm`);
+            None (an older model) is not judged.
+    """
+    if not trained_mm:
+        return []
+    extent = [n * s for n, s in zip(geometry.size, geometry.spacing)]
+    ratio = float(np.prod(extent)) / max(float(np.prod(trained_mm)), 1e-9)
+    if ratio < VIEW_FACTOR:
+        return []
+    seen = " x ".join(f"{e:.0f}" for e in trained_mm)
+    shown = " x ".join(f"{e:.0f}" for e in extent)
+    return [f"the model was trained on cases of at most {seen} mm; this scan is {shown} mm, {ratio:.0f} times that "
+            f"volume: it never saw most of this anatomy as background, so expect false positives there. Segment at "
+            f"given locations with --points, or train on whole scans"]

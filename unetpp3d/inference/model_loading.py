@@ -162,7 +162,7 @@ def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module
 
 # Preprocessing fields that describe a model's training data rather than its input pipeline:
 # the folds of one cross-validation differ in them and still ensemble.
-_NOT_PIPELINE = ("volume_range_ml",)
+_NOT_PIPELINE = ("volume_range_ml", "field_of_view_mm")
 
 
 def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
