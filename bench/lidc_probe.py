@@ -71,7 +71,7 @@ def probe(job: dict[str, Any]) -> dict[str, float]:
     trainer = build_trainer(cfg, prep, net, loss_fn, [case(n) for n in split["training"]],
                             [case(n) for n in split["validation"][: job["val_crops"]]], folder, device,
                             split={"fold": 0, **split})
-    steps = int(job["steps"])
+    steps = min(int(job["steps"]), len(trainer.train_loader))  # one epoch's iterator each for loader and loop
     trainer.train_loader.set_epoch(0)
     batches = iter(trainer.train_loader)
     batch = next(batches)

@@ -284,7 +284,8 @@ def _resolve(plan_: _Plan, man: Manifest, fingerprint_path: Path | None) -> None
         names = {c.name for c in plan_.train_cases}
         seen = [c for c in fp.get("cases", []) if c.get("name") in names]
         plan_.prep.volume_range_ml = volume_range([c.get("label_volumes_ml") or {} for c in seen])
-        plan_.prep.field_of_view_mm = field_of_view_mm([c["size"] for c in seen], [c["spacing"] for c in seen])
+        sized = [c for c in seen if c.get("size") and c.get("spacing")]
+        plan_.prep.field_of_view_mm = field_of_view_mm([c["size"] for c in sized], [c["spacing"] for c in sized])
     _check_network(plan_.cfg, plan_.prep, _model_args(plan_.cfg, plan_.prep), plan_.source)
 
 

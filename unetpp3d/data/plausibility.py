@@ -102,8 +102,11 @@ def volume_warnings(volumes_ml: dict[str, float], trained: dict[str, list[float]
     return out
 
 
-def field_of_view_mm(sizes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]]) -> list[float]:
-    """The largest extent per axis (mm) among cases of the given sizes and spacings (same axis order)."""
+def field_of_view_mm(sizes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]]) -> list[float] | None:
+    """The largest extent per axis (mm) among cases of the given sizes and spacings (same axis order);
+    None without cases."""
+    if len(sizes) == 0:
+        return None
     extents = np.asarray(sizes, dtype=float) * np.asarray(spacings, dtype=float)
     return [round(float(e), 1) for e in extents.max(axis=0)]
 
