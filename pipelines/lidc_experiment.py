@@ -57,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -416,6 +416,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     best = folder / "best.pt"
     payload = load_checkpoint(best if best.is_file() else folder / "last.pt", map_location=device)
     net.load_state_dict(payload["state_dict"])
+    on_device(net, device)  # scored and timed on the path `unetpp3d infer` takes, not training's
     rows = evaluate(name, net, split["test"], cfg, device)
     costs = cost(name, net, split["test"][: job["timing_crops"]], cfg, device)
     pruning = None
@@ -518,7 +519,7 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], meta: dict[
              f"`{meta['command']}`", "",
              *([] if meta.get("complete", True) else
                [f"**Partial:** {meta['finished']} of {meta['planned']} trainings had finished when this was "
-                "written; the tables cover those only.", ""]),
+                f"written; the tables cover the complete fold(s) {', '.join(map(str, meta['folds_run']))} only.", ""]),
              f"{len(summary['cases'])} held-out nodules; {meta['patients']} patients in {meta['folds']} folds by patient"
              + (" (each nodule tested once)" if len(meta["folds_run"]) == meta["folds"] else
                 f" (fold(s) {', '.join(map(str, meta['folds_run']))} run: their test patients only)")
@@ -689,8 +690,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
 
     def write(final: bool) -> dict[str, Any]:
-        """results.json and results.md from the trainings finished so far, so that a run stopped early keeps them."""
-        ordered = sorted(results, key=lambda r: (r["fold"], MODELS.index(r["model"])))
+        """results.json and results.md from the trainings finished so far, so that a run stopped early keeps them.
+
+        The tables cover complete folds only (every model of the fold finished), so that every row is
+        scored on the same nodules and every average runs over the same folds."""
+        done_models: dict[int, set[str]] = {}
+        for r in results:
+            done_models.setdefault(r["fold"], set()).add(r["model"])
+        complete = {k for k, names in done_models.items() if names == set(models)}
+        ordered = sorted((r for r in results if r["fold"] in complete), key=lambda r: (r["fold"], MODELS.index(r["model"])))
         summary = collect(ordered, crops)
         c = cfg
         meta = {"protocol": args.protocol, "date": _dt.datetime.now().isoformat(timespec="minutes"),
@@ -698,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "machine": f"{platform.machine()} {os.cpu_count()} cores ({torch.get_num_threads()} torch threads x "
                            f"{jobs} job(s)), torch {torch.__version__}, device {_device_name(args.device)}",
                 "wall_minutes": (time.perf_counter() - start) / 60.0, "load_start": list(load_start),
-                "load_jobs": [r["load"][0] for r in ordered], "finished": len(ordered), "planned": len(work),
+                "load_jobs": [r["load"][0] for r in ordered], "finished": len(results), "planned": len(work),
                 "complete": final,
                 "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
                 "patients": len({x.patient for x in crops}), "folds": len(folds),
@@ -712,9 +720,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "per_nodule": {label: per_case for label, per_case in summary["scores"].items()},
                    "nodules": {x.name: {**asdict(x), "equivalent_diameter_mm": x.equivalent_diameter_mm}
                                for x in crops},
-                   "runs": [{k: v for k, v in r.items() if k != "rows"} for r in ordered]}
+                   "runs": [{k: v for k, v in r.items() if k != "rows"}
+                            for r in sorted(results, key=lambda r: (r["fold"], MODELS.index(r["model"])))]}
         atomic_write_text(args.out / "results.json", json.dumps(payload, indent=1) + "\n")
-        atomic_write_text(args.out / "results.md", markdown(summary, ordered, meta))
+        atomic_write_text(args.out / "results.md", markdown(summary, ordered, meta) if ordered else
+                          f"# LIDC-IDRI nodule crops ({args.protocol} protocol)\n\n**Partial:** {len(results)} of "
+                          f"{len(work)} trainings had finished and no fold was complete when this was written.\n")
         return {"summary": summary, "results": ordered, "meta": meta}
 
     def done(res: dict[str, Any]) -> None:
@@ -733,8 +744,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Spawned workers (no fork: CUDA and OpenMP state do not survive it), each with its own cache.
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(crops, cfg.to_dict(), threads)) as pool:
-            for res in pool.map(run_job, work):
-                done(res)
+            # In the order they finish, so that a time limit keeps every finished training's result.
+            for future in as_completed([pool.submit(run_job, job) for job in work]):
+                done(future.result())
     final = write(final=True)
     summary, results, meta = final["summary"], final["results"], final["meta"]
     print(markdown(summary, results, meta))

@@ -50,8 +50,11 @@ def test_the_path_is_chosen_per_device_by_measurement():
     """Fused on the CPU; the plain path on CUDA, where it measured faster (bench/RESULTS.md)."""
     from unetpp3d.model.network import fused_pays
 
-    assert fused_pays(torch.device("cpu")) is True
-    assert fused_pays(torch.device("cuda", 0)) is False
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert fused_pays(cpu) is True and fused_pays(cpu, dtype=torch.bfloat16) is True  # inference
+    assert fused_pays(cpu, training=True) is True and fused_pays(cpu, training=True, dtype=torch.float32) is True
+    assert fused_pays(cpu, training=True, dtype=torch.bfloat16) is False  # its bf16 backward is the slow part
+    assert not any(fused_pays(cuda, t, d) for t in (False, True) for d in (None, torch.bfloat16, torch.float16))
 
 
 def test_on_device_takes_the_fused_path_on_the_cpu_and_leaves_other_networks_alone():
@@ -79,8 +82,12 @@ def test_off_the_cpu_the_plain_path_unless_checkpointing_needs_the_fused_one():
     conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
     assert net.fused is False and conv.weight.is_meta and conv.weight.is_contiguous()
     asked = tiny()
-    asked.checkpointing = True
-    assert on_device(asked, "meta").fused is True
+    asked.checkpointing = True  # exists on the fused path only, and matters only with gradients
+    assert on_device(asked, "meta", training=True).fused is True
+    assert on_device(asked, "meta").fused is False
+    cpu = tiny()
+    cpu.checkpointing = True
+    assert on_device(cpu, "cpu", training=True, dtype=torch.bfloat16).fused is True
 
 
 @pytest.mark.gpu

@@ -361,6 +361,35 @@ def test_a_crop_trained_model_on_a_larger_scan_says_so(small_scan, tmp_path, cap
     assert "never saw" not in caplog.text
 
 
+def test_an_ensembles_warnings_hold_for_every_member_whatever_their_order(small_scan, tmp_path, caplog):
+    """Folds record different fields of view and volume ranges: the widest of them is judged, and a
+    member that records none (an older model) leaves the scan unjudged."""
+    from unetpp3d.inference.model_loading import ensemble_training_data
+
+    small = save_checkpoint(tmp_path / "small" / "best.pt", field_of_view_mm=[10.0, 10.0, 10.0])
+    wide = save_checkpoint(tmp_path / "wide" / "best.pt", seed=1, field_of_view_mm=[500.0, 500.0, 500.0])
+    for k, order in enumerate(([small, wide], [wide, small])):
+        caplog.clear()
+        assert run_inference([small_scan], tmp_path / f"out{k}", model=order, device="cpu") == 0
+        assert "never saw" not in caplog.text
+    caplog.clear()
+    other = save_checkpoint(tmp_path / "other" / "best.pt", seed=2, field_of_view_mm=[12.0, 11.0, 10.0])
+    assert run_inference([small_scan], tmp_path / "both_small", model=[other, small], device="cpu") == 0
+    assert "at most 12 x 11 x 10 mm" in caplog.text
+    merged = ensemble_training_data([{"volume_range_ml": {"1": [10, 20]}, "field_of_view_mm": [1, 2, 3]},
+                                     {"volume_range_ml": {"1": [5, 15], "2": [1, 2]}, "field_of_view_mm": [3, 2, 1]}])
+    assert merged == {"volume_range_ml": {"1": [5, 20], "2": [1, 2]}, "field_of_view_mm": [3, 2, 3]}
+    assert ensemble_training_data([{"field_of_view_mm": [1, 2, 3]}, {}]) == {"volume_range_ml": None,
+                                                                            "field_of_view_mm": None}
+
+
+def test_a_stored_field_of_view_is_checked_when_read():
+    data = make_prep().to_dict()
+    for bad in (["a", "b", "c"], [0, 0, 0], [30.0, 30.0]):
+        with pytest.raises(UserError, match=r"preprocessing\.field_of_view_mm"):
+            Preprocessing.from_dict({**data, "field_of_view_mm": bad})
+
+
 def test_a_stored_volume_range_is_checked_when_read():
     data = make_prep().to_dict()
     assert Preprocessing.from_dict({**data, "volume_range_ml": {"1": [10, 20.5]}}).volume_range_ml == {"1": [10, 20.5]}

@@ -192,6 +192,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is list or hint is list:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
+        if origin is list and get_args(hint):  # list[float]: every item checked, e.g. a checkpoint's spacing
+            return [_check_type(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
         return list(value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -472,6 +474,11 @@ class Preprocessing:
     # nodule-centred crops has never seen the rest of a chest as background, and inference on a
     # much larger scan warns (unetpp3d.data.plausibility.view_warnings). Older checkpoints lack it.
     field_of_view_mm: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        fov = self.field_of_view_mm
+        if fov is not None and (len(fov) != 3 or min(fov) <= 0):
+            raise UserError(f"preprocessing.field_of_view_mm: expected three positive extents in mm, got {fov!r}")
 
     @property
     def num_classes(self) -> int:

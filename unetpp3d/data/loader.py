@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,8 +48,10 @@ def worker_context(num_workers: int) -> Any:
     epoch of 50 steps and 1 s per validation crop (docs/lidc.md); here a spawned job waited
     7-9 s for each epoch's first batch against 0.15 s forked. Forked workers share the cache
     copy-on-write. They must not touch CUDA, and they do not: the transforms run on the CPU.
+    Linux only: on macOS fork is offered but unsafe with the system's frameworks (Python's default
+    there is spawn), and Windows cannot fork.
     """
-    if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
+    if num_workers > 0 and sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,22 @@ def _load_model(model: str | Path | None, trust_bundle: bool) -> tuple[nn.Module
 # Preprocessing fields that describe a model's training data rather than its input pipeline:
 # the folds of one cross-validation differ in them and still ensemble.
 _NOT_PIPELINE = ("volume_range_ml", "field_of_view_mm")
+
+
+def ensemble_training_data(preps: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The training-data fields of an ensemble's members merged, so that a warning holds for all of
+    them whatever their order: the widest volume range per class and the largest field of view per
+    axis; None (nothing judged) where a member does not record the field."""
+    ranges = [p.get("volume_range_ml") for p in preps]
+    views = [p.get("field_of_view_mm") for p in preps]
+    merged: dict[str, Any] = {"volume_range_ml": None, "field_of_view_mm": None}
+    if all(r is not None for r in ranges):
+        classes = {c for r in ranges for c in r}
+        merged["volume_range_ml"] = {c: [min(r[c][0] for r in ranges if c in r), max(r[c][1] for r in ranges if c in r)]
+                                     for c in sorted(classes)}
+    if all(v is not None for v in views):
+        merged["field_of_view_mm"] = [max(v[i] for v in views) for i in range(3)]
+    return merged
 
 
 def _preprocessing_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -48,6 +48,7 @@ from unetpp3d.inference.memory import check_inference_memory
 from unetpp3d.inference.model_loading import (
     _load_model,
     _preprocessing_differences,
+    ensemble_training_data,
     model_infer_config,
 )
 from unetpp3d.inference.nodules import nodule_components
@@ -337,6 +338,8 @@ class Predictor:
                                 "so the models cannot be ensembled (their probabilities must be on the same grid "
                                 "and classes); ensemble models trained on one dataset with one config, such as the "
                                 "folds of a cross-validation")
+        if len(loaded) > 1:
+            prep = {**dict(prep), **ensemble_training_data([dict(entry[1]) for entry in loaded])}
         own = model_infer_config(config, path)
         mode = mode if mode is not None else own.mode
         if prune_level is None and mode == "fast":

@@ -17,7 +17,8 @@ the plain reference path, written to read like the figure, and the default fused
 runs the convolutions channels-last, computes instance norm as a per-channel group norm (whose
 CPU kernel keeps channels-last instead of copying to contiguous), and can recompute the cheap
 operations in the backward pass instead of storing them (``net.checkpointing``).
-:func:`on_device` picks the path per device by measurement: fused on the CPU, plain on CUDA.
+:func:`on_device` picks the path by measurement (:func:`fused_pays`): fused on the CPU except
+for bf16 training, plain on CUDA.
 tests/test_network_perf.py checks that the two agree, outputs and gradients.
 """
 
@@ -113,22 +114,33 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
-def fused_pays(device: torch.device) -> bool:
-    """Whether the fused path is the faster one on ``device``.
+def fused_pays(device: torch.device, training: bool = False, dtype: torch.dtype | None = None) -> bool:
+    """Whether the fused path is the faster one for this device, use and autocast precision.
 
-    On the CPU it is (bench/RESULTS.md: the forward 1.34x MONAI's per FLOP in fp32). On an
-    NVIDIA H200 the plain path in NCDHW ran the bf16 training step of the benchmark's network
-    (128^3, batch 2) in 199 ms with a 12.4 GiB peak, the fused channels-last path in 273 ms
-    with 19.6 GiB: CUDA autocast keeps group_norm in fp32, and cuDNN's 3D convolutions ran
-    slower channels-last (MONAI's UNet++ too: 304 ms against 220 ms).
+    Measured, each time against the plain path in the same run:
+
+    * CPU, inference: fused. bench/RESULTS.md (the forward 1.34x MONAI's per FLOP in fp32); and
+      the LIDC full recipe's UNet++ DS (widths 16-128), 8 windows of 48 x 48 x 16 on the 2-core
+      development machine: 129-225 against 189-252 ms in bf16, 549-646 against 773-842 ms in fp32.
+    * CPU, training: fused in fp32 (a step at batch 2 of that network: 442-457 against 500-563 ms),
+      plain in bf16 (276-405 against 482-697 ms: the fused path's bf16 backward is the slow part).
+    * CUDA (one H200), training: plain. The bf16 step of the benchmark's network (128^3, batch 2)
+      took 199 ms with a 12.4 GiB peak against the fused channels-last path's 273 ms and 19.6 GiB:
+      cuDNN's 3D convolutions ran slower channels-last (MONAI's UNet++ too: 304 against 220 ms)
+      and CUDA autocast keeps group_norm in fp32. Inference on CUDA was not timed; it gets the same.
     """
-    return device.type == "cpu"
+    if device.type != "cpu":
+        return False
+    return not (training and dtype == torch.bfloat16)
 
 
-def on_device(net: nn.Module, device: str | torch.device) -> nn.Module:
-    """``net`` moved to ``device``; the project's own networks also take the path that is faster there."""
+def on_device(net: nn.Module, device: str | torch.device, training: bool = False,
+              dtype: torch.dtype | None = None) -> nn.Module:
+    """``net`` moved to ``device``; the project's own networks also take the path that is faster for
+    this use (:func:`fused_pays`). Training passes ``training=True`` and its autocast ``dtype``;
+    everything else (the Predictor, the bundle, the pruning table) runs inference."""
     if isinstance(net, SavedArgsNetwork):
-        return net.use_device(device)
+        return net.use_device(device, training, dtype)
     return net.to(device)
 
 
@@ -181,15 +193,15 @@ class SavedArgsNetwork(nn.Module):
         """Write arguments and weights (and any plain-typed ``extra``) atomically to ``path``."""
         save_checkpoint(path, {"model_args": self.model_args, "state_dict": self.state_dict(), **(extra or {})})
 
-    def use_device(self, device: str | torch.device) -> Any:
-        """Move to ``device`` and take the forward path measured fastest there (:func:`fused_pays`).
+    def use_device(self, device: str | torch.device, training: bool = False, dtype: torch.dtype | None = None) -> Any:
+        """Move to ``device`` and take the forward path measured fastest for this use (:func:`fused_pays`).
 
-        Activation checkpointing exists on the fused path only, so a network asked to checkpoint
-        keeps that path everywhere (on the H200 the plain path without it peaked no higher:
-        12.4 GiB against 12.3 GiB, bench/RESULTS.md).
+        Activation checkpointing exists on the fused path only, so a network trained with it keeps
+        that path (on the H200 the plain path without it peaked no higher: 12.4 GiB against 12.3
+        GiB, bench/RESULTS.md). Without gradients it does nothing, so inference ignores it.
         """
         device = torch.device(device)
-        self.fused = fused_pays(device) or bool(getattr(self, "checkpointing", False))
+        self.fused = fused_pays(device, training, dtype) or (training and bool(getattr(self, "checkpointing", False)))
         layout = torch.channels_last_3d if self.fused and self.channels_last else torch.contiguous_format
         return self.to(device=device, memory_format=layout)
 

@@ -380,7 +380,7 @@ def build_trainer(cfg: Config, prep: Preprocessing, net: nn.Module, loss_fn: Los
     folder = Path(folder)
     amp = autocast_dtype(cfg.train.amp, device, name="train.amp")
     configure_determinism(cfg.train, device)
-    net = on_device(net, device)
+    net = on_device(net, device, training=True, dtype=amp)
     if resume is not None:
         net.load_state_dict(resume["state_dict"])
     model = net
