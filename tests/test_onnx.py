@@ -93,3 +93,21 @@ def test_missing_onnxruntime_is_refused_with_the_install_command(model, tmp_path
     err = capsys.readouterr().err
     assert "onnxruntime" in err and "pip install 'unetpp3d[onnx]'" in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+@needs_onnx
+def test_the_models_own_infer_mode_is_the_default_as_in_infer(model, tmp_path, capsys):
+    """A model trained with infer.mode fast (level 1) exports fast mode unless --mode says otherwise."""
+    from unetpp3d.config import Config
+
+    path, net = model
+    payload = torch.load(path, weights_only=True)
+    cfg = Config(task="liver")
+    cfg.infer.mode, cfg.infer.prune_level = "fast", 1
+    fast_model = tmp_path / "fast" / "best.pt"
+    save_checkpoint(fast_model, {**payload, "config": cfg.to_dict()})
+    for flags, expected in (([], "fast mode (UNet++ L^1)"), (["--mode", "accurate"], "accurate mode")):
+        with pytest.raises(SystemExit) as info:
+            main(["export-onnx", str(fast_model), "--out", str(tmp_path / "m.onnx"), *flags])
+        assert info.value.code in (0, None)
+        assert expected in capsys.readouterr().out

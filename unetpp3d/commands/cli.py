@@ -248,8 +248,10 @@ def export_bundle(
 def export_onnx(
     model: Path = typer.Argument(..., help="Checkpoint, run folder or bundle exported by unetpp3d."),
     out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
-    mode: str = typer.Option("accurate", help="accurate (every head, probabilities averaged) or fast (pruned network)."),
-    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: 2)."),
+    mode: Optional[str] = typer.Option(None, help="accurate (every head, probabilities averaged) or fast (pruned "
+                                       "network); default: the model's own infer.mode, as infer."),
+    prune_level: Optional[int] = typer.Option(None, help="Pruned UNet++ L^l for fast mode (default: as infer: the "
+                                              "model's, else its run's pruning table, else 2)."),
 ) -> None:
     """Export the network in one inference mode as ONNX (needs the onnx extra), checked in onnxruntime."""
     from unetpp3d.commands.export_onnx import describe, run_export_onnx

@@ -11,8 +11,9 @@ from typing import Any
 from monai.bundle import ConfigParser
 from torch import nn
 
-from unetpp3d.config import InferConfig, Preprocessing, config_from_dict
+from unetpp3d.config import FAST_PRUNE_LEVEL, InferConfig, Preprocessing, config_from_dict
 from unetpp3d.errors import UserError
+from unetpp3d.inference.pruning import load_pruning_choice
 from unetpp3d.model.checkpoint import (
     load_checkpoint,
     load_state_dict,
@@ -203,3 +204,29 @@ def model_infer_config(config: dict[str, Any] | None, source: str | Path) -> Inf
         return config_from_dict({"infer": dict(section)}, f"{source} (its config)").infer
     except UserError as exc:
         raise UserError(f"{exc}; fix the model's config or pass the setting on the command line") from None
+
+
+def model_mode(own: InferConfig, path: str | Path, mode: str | None, prune_level: int | None,
+               pruning_table: bool = True) -> tuple[str, int | None]:
+    """The mode and prune level to run: the caller's, else the model's own ``infer`` settings,
+    else for fast mode the level its run measured (``pruning.json``), else the default level.
+
+    Args:
+        own: the model's ``infer`` section (:func:`model_infer_config`).
+        path: the model's checkpoint, beside which a run's pruning table lies.
+        mode, prune_level: what the caller asked for (None: not asked).
+        pruning_table: consult the run's table (not for an ensemble: each member has its own).
+    """
+    mode = mode if mode is not None else own.mode
+    if prune_level is None and mode == "fast":
+        prune_level = own.prune_level
+    if prune_level is None and mode == "fast" and pruning_table:
+        # The run measured its levels after training: take the smallest one close to the best.
+        choice = load_pruning_choice(path)
+        if choice is not None:
+            prune_level = choice[0]
+            log.info("fast mode: UNet++ L^%d from the run's pruning table: %s", *choice)
+        else:
+            log.info("fast mode: no pruning table beside %s; using the default level L^%d (capped at the depth)",
+                     path, FAST_PRUNE_LEVEL)
+    return mode, prune_level

@@ -50,6 +50,7 @@ from unetpp3d.inference.model_loading import (
     _preprocessing_differences,
     ensemble_training_data,
     model_infer_config,
+    model_mode,
 )
 from unetpp3d.inference.nodules import nodule_components
 from unetpp3d.inference.pipeline import (
@@ -59,7 +60,6 @@ from unetpp3d.inference.pipeline import (
     pipeline_config,
     window_network_args,
 )
-from unetpp3d.inference.pruning import load_pruning_choice
 from unetpp3d.inference.quality import HeadQualityNet, disagreement, has_heads
 from unetpp3d.inference.windows import EnsembleNet, ProbabilityNet, accepts_prune_level
 from unetpp3d.model.network import COMBINE, on_device
@@ -341,18 +341,7 @@ class Predictor:
         if len(loaded) > 1:
             prep = {**dict(prep), **ensemble_training_data([dict(entry[1]) for entry in loaded])}
         own = model_infer_config(config, path)
-        mode = mode if mode is not None else own.mode
-        if prune_level is None and mode == "fast":
-            prune_level = own.prune_level
-        if prune_level is None and mode == "fast" and len(loaded) == 1:
-            # The run measured its levels after training: take the smallest one close to the best.
-            choice = load_pruning_choice(path)
-            if choice is not None:
-                prune_level = choice[0]
-                log.info("fast mode: UNet++ L^%d from the run's pruning table: %s", *choice)
-            else:
-                log.info("fast mode: no pruning table beside %s; using the default level L^%d (capped at the depth)",
-                         path, FAST_PRUNE_LEVEL)
+        mode, prune_level = model_mode(own, path, mode, prune_level, pruning_table=len(loaded) == 1)
         source = str(path)
         if len(loaded) > 1:
             source = f"ensemble of {len(loaded)} ({', '.join(str(entry[3]) for entry in loaded)})"
