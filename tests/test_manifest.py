@@ -110,6 +110,24 @@ def test_case_name():
     assert case_name("x.v2.nii.gz") == "x.v2"
 
 
+def test_dicom_folders_with_generic_names_are_named_after_their_parents_everywhere(tmp_path):
+    """Two series in p1/dicom and p2/dicom are the cases p1 and p2 for check and train, as infer names
+    its outputs (p1.nii.gz): not a "duplicate case name dicom"."""
+    from unetpp3d.inference.inputs import expand_inputs
+
+    for patient in ("p1", "p2"):
+        (tmp_path / patient / "dicom").mkdir(parents=True)
+        (tmp_path / patient / "seg.nii.gz").write_bytes(b"")
+    data = {"labels": {"0": "background", "1": "liver"},
+            "training": [{"image": f"{p}/dicom", "label": f"{p}/seg.nii.gz"} for p in ("p1", "p2")]}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    assert [c.name for c in load_manifest(path).training] == ["p1", "p2"]
+    assert case_name(tmp_path / "p1" / "dicom") == "p1" and case_name(tmp_path / "p1" / "seg.nii.gz") == "seg"
+    assert case_name(tmp_path / "absent" / "dicom") == "dicom"  # not a folder (yet): its own name
+    assert [c.name for c in expand_inputs([tmp_path / "p1" / "dicom", tmp_path / "p2" / "dicom"])] == ["p1", "p2"]
+
+
 def test_split_is_seeded_and_independent_of_listing_order(tmp_path):
     data = msd(10)
     m = load_manifest(write_json(tmp_path / "a.json", data))

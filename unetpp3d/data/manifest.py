@@ -100,9 +100,18 @@ class Manifest:
         return [*self.training, *(self.validation or []), *self.test]
 
 
+# Folder names that say what a folder holds rather than which case it is: a DICOM series in
+# ``.../patient7/dicom`` is the case ``patient7``. check, train, infer and evaluate all name it so.
+GENERIC_FOLDER_NAMES = frozenset({"dicom", "dcm", "series", "images", "image", "ct", "scan"})
+
+
 def case_name(path: str | Path) -> str:
-    """``imagesTr/liver_3.nii.gz`` -> ``liver_3``; a DICOM folder keeps its folder name."""
-    name = Path(path).name
+    """``imagesTr/liver_3.nii.gz`` -> ``liver_3``; a DICOM folder keeps its folder name, or takes its
+    parent's where the folder's own name is generic (:data:`GENERIC_FOLDER_NAMES`)."""
+    path = Path(path)
+    name = path.name
+    if name.lower() in GENERIC_FOLDER_NAMES and path.is_dir() and path.resolve().parent.name:
+        return path.resolve().parent.name
     lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):

@@ -22,10 +22,6 @@ log = logging.getLogger("unetpp3d")
 MANIFEST_SUFFIXES = (".json",)
 
 
-# Folder names that say nothing about the case: a DICOM series in ``case7/dicom`` is "case7".
-_GENERIC_FOLDER_NAMES = {"dicom", "dcm", "series", "images", "image", "ct", "scan"}
-
-
 @dataclass
 class InputCase:
     """One scan to segment: a name for its outputs, its path, or why it cannot be read."""
@@ -56,9 +52,7 @@ NNUNET_CHANNEL_0 = "_0000"
 
 
 def _image_name(path: Path) -> str:
-    if path.is_dir() and path.name.lower() in _GENERIC_FOLDER_NAMES and path.resolve().parent.name:
-        return path.resolve().parent.name
-    name = case_name(path)
+    name = case_name(path)  # a DICOM folder called "dicom" is named after its parent
     if path.is_dir() or name == path.name:  # a folder, or a file with no image suffix
         return name
     # imagesTs/liver_005_0000.nii.gz -> liver_005, the name of its mask in labelsTs/ (as nnU-Net writes it).
