@@ -73,6 +73,19 @@ def test_nnunet_channel_suffix_is_dropped_from_case_names(tmp_path):
     assert [c.name for c in expand_inputs([dicom])] == ["series_0000"]
 
 
+def test_colliding_names_are_made_unique_and_the_log_says_which_is_which(tmp_path, caplog):
+    """liver_005.nii.gz and liver_005_0000.nii.gz both mean the case liver_005: neither output is lost,
+    and the log names the file behind each changed name."""
+    folder = tmp_path / "imagesTs"
+    for name in ("liver_005.nii.gz", "liver_005_0000.nii.gz", "other.nii.gz"):
+        write_image(folder / name, np.zeros((4, 4, 4), np.int16))
+    names = [c.name for c in expand_inputs([folder])]
+    assert names == ["imagesTs_liver_005", "imagesTs_liver_005_2", "other"]
+    assert "liver_005_0000.nii.gz: 2 inputs would be named 'liver_005'; this one's outputs are named " \
+           "'imagesTs_liver_005_2'" in caplog.text
+    assert "other.nii.gz" not in caplog.text
+
+
 def test_masks_of_nnunet_named_inputs_match_labelsTs_in_evaluate(ckpt, tmp_path, capsys):
     """imagesTs/<case>_0000.nii.gz -> <case>.nii.gz, so evaluate --ref labelsTs/ pairs every case."""
     for k, shift in ((5, 0), (6, 3)):

@@ -126,6 +126,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
         counts[case.name] = counts.get(case.name, 0) + 1
     seen: set[str] = set()
     for case in found:
+        first = case.name
         if counts[case.name] > 1 and case.path.resolve().parent.name:
             case.name = f"{case.path.resolve().parent.name}_{case.name}"
         name, k = case.name, 2
@@ -133,4 +134,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[InputCase]:
             name, k = f"{case.name}_{k}", k + 1
         case.name = name
         seen.add(name)
+        if name != first:  # the output is not where the input's name says: tell the user which is which
+            log.warning("%s: %d inputs would be named %r; this one's outputs are named %r", case.path,
+                        counts[first], first, name)
     return found
