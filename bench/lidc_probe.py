@@ -42,17 +42,12 @@ from unetpp3d.training.loss import DeepSupervisionLoss  # noqa: E402
 from unetpp3d.training.trainer import build_trainer  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, n: int, device: torch.device) -> float:
-    _sync(device)
+    lidc._sync(device)
     start = time.perf_counter()
     for _ in range(n):
         fn()
-    _sync(device)
+    lidc._sync(device)
     return 1000.0 * (time.perf_counter() - start) / n
 
 
@@ -89,7 +84,7 @@ def probe(job: dict[str, Any]) -> dict[str, float]:
     out["loop"] = _timed(lambda: trainer.train_step(next(it)), steps, device)
     start = time.perf_counter()
     trainer.validate()
-    _sync(device)
+    lidc._sync(device)
     out["val"] = 1000.0 * (time.perf_counter() - start) / max(1, len(split["validation"][: job["val_crops"]]))
     net.fused = not net.fused
     net.to(memory_format=torch.channels_last_3d if net.fused else torch.contiguous_format)

@@ -78,6 +78,7 @@ from monai.transforms import Invertd  # noqa: E402
 from unetpp3d.atomic import atomic_write_text  # noqa: E402
 from unetpp3d.config import AUTO, Config, Preprocessing, config_from_dict  # noqa: E402
 from unetpp3d.data.manifest import Case  # noqa: E402
+from unetpp3d.data.plausibility import field_of_view_mm  # noqa: E402
 from unetpp3d.data.transforms import eval_transforms, pad_value  # noqa: E402
 from unetpp3d.evaluation.stats import bootstrap_mean, paired_difference, spearman, t_interval  # noqa: E402
 from unetpp3d.imageio.readers import read_image  # noqa: E402
@@ -117,7 +118,8 @@ class Crop:
     texture: int
     csv_diameter_mm: float
     volume_mm3: float
-    extent_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # field of view per axis (the file's order)
+    size: tuple[int, int, int] = (0, 0, 0)  # voxels per axis, the file's order
+    spacing: tuple[float, float, float] = (0.0, 0.0, 0.0)  # mm, the same order
 
     @property
     def equivalent_diameter_mm(self) -> float:
@@ -153,9 +155,8 @@ def load_crops(data_dir: Path, limit_patients: int | None = None, seed: int = 0)
         reader.SetFileName(str(mask))
         m = reader.Execute()
         volume = float(sitk.GetArrayViewFromImage(m).astype(bool).sum()) * float(np.prod(m.GetSpacing()))
-        extent = tuple(round(n * sp, 2) for n, sp in zip(m.GetSize(), m.GetSpacing()))
         crops.append(Crop(name, row["patient_id"], str(image), str(mask), int(row["Texture_value"]),
-                          float(row["diameter_mm"]), volume, extent))
+                          float(row["diameter_mm"]), volume, tuple(m.GetSize()), tuple(m.GetSpacing())))
     if limit_patients:
         patients = sorted({c.patient for c in crops})
         keep = set(random.Random(seed).sample(patients, min(limit_patients, len(patients))))
@@ -213,7 +214,7 @@ def _preprocess(crops: Sequence[Crop], cfg: Config) -> None:
         native[crop.name] = read_image(crop.mask, is_label=True)[0] > 0
     cases = {c.name: Case(c.name, Path(c.image), Path(c.mask)) for c in crops}
     _CACHE.update(prep=prep, eval_pipe=eval_pipe, items=items, native=native, cases=cases,
-                  extents={c.name: c.extent_mm for c in crops})
+                  crops={c.name: c for c in crops})
 
 
 def _init_worker(crops: Sequence[Crop], cfg_dict: dict, threads: int) -> None:
@@ -398,8 +399,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     split = job["split"]
     # The checkpoint records what the model saw, as `unetpp3d train` does: infer then warns when it
     # is run on a whole chest CT rather than at points.
-    seen = [_CACHE["extents"][n] for n in split["training"]]
-    prep = dataclasses.replace(_CACHE["prep"], field_of_view_mm=[round(max(e[i] for e in seen), 1) for i in range(3)])
+    seen = [_CACHE["crops"][n] for n in split["training"]]
+    prep = dataclasses.replace(_CACHE["prep"], field_of_view_mm=field_of_view_mm([c.size for c in seen],
+                                                                                  [c.spacing for c in seen]))
     start = time.perf_counter()
     seed_everything(cfg.train.seed)  # the same initial draw for every model of a fold
     net = build_model(name, cfg)

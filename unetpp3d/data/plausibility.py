@@ -54,9 +54,14 @@ def intensity_warnings(image: np.ndarray) -> list[str]:
     return out
 
 
+def _extent_mm(geometry: Geometry) -> list[float]:
+    """The scan's field of view per axis (its own axis order), mm."""
+    return [n * s for n, s in zip(geometry.size, geometry.spacing)]
+
+
 def field_of_view_warnings(geometry: Geometry) -> list[str]:
     """A field of view too small or too large for a body CT (extent per axis in mm)."""
-    extent = [n * s for n, s in zip(geometry.size, geometry.spacing)]
+    extent = _extent_mm(geometry)
     shown = " x ".join(f"{e:.0f}" for e in extent)
     if min(extent) < MIN_EXTENT_MM or max(extent) > MAX_EXTENT_MM:
         return [f"field of view {shown} mm is implausible for a body CT (expected {MIN_EXTENT_MM:.0f}-"
@@ -121,7 +126,7 @@ def view_warnings(geometry: Geometry, trained_mm: Sequence[float] | None) -> lis
     """
     if not trained_mm:
         return []
-    extent = [n * s for n, s in zip(geometry.size, geometry.spacing)]
+    extent = _extent_mm(geometry)
     ratio = float(np.prod(extent)) / max(float(np.prod(trained_mm)), 1e-9)
     if ratio < VIEW_FACTOR:
         return []

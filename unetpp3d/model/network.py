@@ -179,7 +179,20 @@ class SavedArgsNetwork(nn.Module):
         self.depth = depth
         self.deep_supervision = bool(deep_supervision)
         self.strides = strides3
+        # Run-time switches, never saved: the fused path (default) or the plain one, and its layout.
+        self.fused = True
+        self.channels_last = True
         return features, strides3
+
+    @staticmethod
+    def _make_encoder(in_channels: int, features: Sequence[int], strides: Sequence[tuple[int, int, int]], norm: str,
+                      act: str, dropout: float) -> nn.ModuleList:
+        """The encoder X^{0,0} ... X^{L,0}: a ConvBlock per level, each after the first downsampling by its stride."""
+        return nn.ModuleList(
+            ConvBlock(in_channels if i == 0 else features[i - 1], features[i], norm, act, dropout,
+                      stride=1 if i == 0 else strides[i - 1])
+            for i in range(len(features))
+        )
 
     @property
     def size_divisor(self) -> tuple[int, int, int]:
@@ -271,15 +284,9 @@ class UNetPlusPlus3D(SavedArgsNetwork):
         features, strides3 = self._init_args(in_channels, out_channels, features, deep_supervision, strides, norm,
                                              act, upsample, dropout)
         depth = self.depth
-        self.fused = True
-        self.channels_last = True
         self.checkpointing = False
 
-        self.encoder = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else features[i - 1], features[i], norm, act, dropout,
-                      stride=1 if i == 0 else strides3[i - 1])
-            for i in range(depth + 1)
-        )
+        self.encoder = self._make_encoder(in_channels, features, strides3, norm, act, dropout)
         # Node X^{i,j} (j >= 1, i + j <= L) sees j same-level features plus one upsampled one.
         self.up = nn.ModuleList()
         self.nodes = nn.ModuleList()

@@ -78,14 +78,8 @@ class UNet3D(SavedArgsNetwork):
         features, strides3 = self._init_args(in_channels, out_channels, features, deep_supervision, strides, norm,
                                              act, upsample, dropout)
         depth = self.depth
-        self.fused = True
-        self.channels_last = True
 
-        self.encoder = nn.ModuleList(
-            ConvBlock(in_channels if i == 0 else features[i - 1], features[i], norm, act, dropout,
-                      stride=1 if i == 0 else strides3[i - 1])
-            for i in range(depth + 1)
-        )
+        self.encoder = self._make_encoder(in_channels, features, strides3, norm, act, dropout)
         self.up = nn.ModuleList(UNetPlusPlus3D._make_up(features[i + 1], features[i], strides3[i], upsample)
                                 for i in range(depth))
         self.decoder = nn.ModuleList(ConvBlock(2 * features[i], features[i], norm, act, dropout) for i in range(depth))
